@@ -1,0 +1,3 @@
+"""Storage, datasets, samplers, splits and padding. Every name is re-exported flat here."""
+
+__all__: list[str] = []
