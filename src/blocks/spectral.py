@@ -1,0 +1,104 @@
+"""Fourier layer of the Fourier Neural Operator.
+
+Li et al., "Fourier Neural Operator for Parametric Partial Differential Equations", ICLR 2021.
+https://arxiv.org/abs/2010.08895
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["SpectralConv2d"]
+
+
+def _pair(modes: int | tuple[int, int]) -> tuple[int, int]:
+    m = (modes, modes) if isinstance(modes, int) else tuple(modes)
+    if len(m) != 2 or any(not isinstance(v, int) or v < 1 for v in m):
+        raise ValueError(f"modes: expected a positive int or a pair of them, got {modes!r}")
+    return m
+
+
+class SpectralConv2d(nn.Module):
+    r"""Truncated Fourier-space channel mixing, resolution-independent.
+
+    .. math::
+        y = \mathcal{F}^{-1}\big(R \cdot (\mathcal{F} x)\big), \qquad
+        (R \cdot \hat x)_o(k_y, k_x) = \sum_i R_{io}(k_y, k_x)\, \hat x_i(k_y, k_x)
+
+    for the kept frequencies :math:`k_y \in \{-m_1, \dots, -1, 0, \dots, m_1 - 1\}` (the ``m1``
+    lowest non-negative AND the ``m1`` lowest negative vertical frequencies) and
+    :math:`k_x \in \{0, \dots, m_2 - 1\}` (``rfft2`` keeps only non-negative horizontal ones, the
+    rest follow by Hermitian symmetry); every other frequency is zeroed. Keeping only the
+    non-negative vertical corner (the PtychoPINN fallback's bug) drops half the low-frequency
+    content of oblique structure.
+
+    The FFTs use ``norm="forward"``: :math:`\hat x` are Fourier-series coefficients, so the same
+    layer applied to the same band-limited function sampled at 32 or at 64 pixels returns the
+    same function. They run in float32 even under autocast (half-precision FFTs are limited to
+    powers of two and lose accuracy); the result is cast back to the input dtype. Modes are
+    clamped per call to what the input allows (``m1 <= H // 2``, ``m2 <= W // 2 + 1``).
+
+    The complex weights are stored as a real tensor ``(in, out, 2 * m1, m2, 2)`` (real and
+    imaginary parts last): NCCL rejects complex tensors and DDP has dropped the imaginary part
+    of complex gradients. Rows ``0..m1-1`` hold frequencies ``0..m1-1``, rows ``m1..2*m1-1``
+    frequencies ``-m1..-1``. Init: complex normal with variance ``2 / (in + out)``.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        modes: ``m`` or ``(m1, m2)``, the vertical and horizontal mode counts.
+        bias: add a learned per-channel bias after the inverse FFT.
+
+    Shapes:
+        - x: ``(B, in_channels, H, W)``
+        - output: ``(B, out_channels, H, W)``, dtype of ``x``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, modes: int | tuple[int, int] = 12,
+                 bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.modes = _pair(modes)
+        m1, m2 = self.modes
+        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, 2 * m1, m2, 2,
+                                               device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Complex normal of total variance 2 / (in + out): each of the two parts gets half.
+        nn.init.normal_(self.weight, std=math.sqrt(1.0 / (self.in_channels + self.out_channels)))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def effective_modes(self, height: int, width: int) -> tuple[int, int]:
+        """The ``(m1, m2)`` actually used on an ``H x W`` input."""
+        return min(self.modes[0], height // 2), min(self.modes[1], width // 2 + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        m1, m2 = self.effective_modes(height, width)
+        if m1 < 1:
+            raise ValueError(f"x: expected H >= 2 to keep any vertical mode, got {tuple(x.shape)}")
+        full = self.modes[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = torch.fft.rfft2(x.float(), norm="forward")
+            w = torch.view_as_complex(self.weight.float())
+            rows_x = torch.cat([xf[:, :, :m1, :m2], xf[:, :, height - m1:, :m2]], dim=2)
+            rows_w = torch.cat([w[:, :, :m1, :m2], w[:, :, 2 * full - m1:, :m2]], dim=2)
+            mixed = torch.einsum("bixy,ioxy->boxy", rows_x, rows_w)
+            out = xf.new_zeros(x.shape[0], self.out_channels, height, width // 2 + 1)
+            out[:, :, :m1, :m2] = mixed[:, :, :m1]
+            out[:, :, height - m1:, :m2] = mixed[:, :, m1:]
+            y = torch.fft.irfft2(out, s=(height, width), norm="forward")
+            if self.bias is not None:
+                y = y + self.bias.float()[:, None, None]
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, modes={self.modes}, "
+                f"bias={self.bias is not None}")
