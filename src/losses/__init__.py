@@ -3,14 +3,22 @@
 from .heatmap import MASK_FILL, WTAOutput, gaussian_heatmap, wta_heatmap_loss
 from .metrics import accuracy, iou, topk_accuracy
 from .neighborhood import neighborhood_cross_entropy
+from .regression import CompositeLoss, LossOutput, dice_loss, log2_mse, masked_mse
+from .ssim import ssim
 
 __all__ = [
     "MASK_FILL",
+    "CompositeLoss",
+    "LossOutput",
     "WTAOutput",
     "accuracy",
+    "dice_loss",
     "gaussian_heatmap",
     "iou",
+    "log2_mse",
+    "masked_mse",
     "neighborhood_cross_entropy",
+    "ssim",
     "topk_accuracy",
     "wta_heatmap_loss",
 ]

@@ -1,0 +1,72 @@
+"""Structural similarity index.
+
+Wang et al., "Image Quality Assessment: From Error Visibility to Structural Similarity",
+IEEE TIP 2004. https://doi.org/10.1109/TIP.2003.819861
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ssim"]
+
+
+def _gaussian_window(size: int, sigma: float, device, dtype=torch.float32) -> torch.Tensor:
+    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float | torch.Tensor | None = None,
+         window_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03,
+         reduction: str = "mean") -> torch.Tensor:
+    r"""Mean SSIM with a Gaussian window (the paper's and scikit-image's ``gaussian_weights=True`` setting).
+
+    .. math::
+        \mathrm{SSIM}(x, y) = \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}
+        {(\mu_x^2 + \mu_y^2 + C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
+        \quad C_1 = (k_1 L)^2,\ C_2 = (k_2 L)^2
+
+    Local statistics use a normalised Gaussian window (valid positions only, no padding) and the
+    biased (population) covariance; the map is averaged over positions and channels. Computed in
+    float32.
+
+    Args:
+        pred: predicted images.
+        target: reference images.
+        data_range: ``L``, the value range; default ``target.max() - target.min()`` per sample.
+        window_size: odd Gaussian window size (clamped to the image size).
+        sigma: window standard deviation.
+        k1, k2: stabilising constants.
+        reduction: ``"mean"`` (a scalar) or ``"none"`` (one value per sample).
+
+    Shapes:
+        - pred, target: ``(B, C, H, W)``
+        - output: scalar, or ``(B,)`` with ``reduction="none"``
+    """
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise ValueError(f"pred: expected (B, C, H, W) equal to target's {tuple(target.shape)}, "
+                         f"got {tuple(pred.shape)}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+    x, y = pred.float(), target.float()
+    channels, height, width = x.shape[1:]
+    size = min(window_size, height, width)
+    size -= 1 - size % 2  # keep it odd
+    g = _gaussian_window(size, sigma, x.device)
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, size, size)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=channels)
+
+    if data_range is None:
+        data_range = (y.amax(dim=(1, 2, 3)) - y.amin(dim=(1, 2, 3))).clamp_min(1e-12)
+    rng = torch.as_tensor(data_range, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+    c1, c2 = (k1 * rng) ** 2, (k2 * rng) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    per_sample = smap.mean(dim=(1, 2, 3))
+    return per_sample.mean() if reduction == "mean" else per_sample

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from blockyard.losses import CompositeLoss, dice_loss, log2_mse, masked_mse, ssim
+
+
+def naive_ssim(x, y, size=7, sigma=1.5, k1=0.01, k2=0.03, L=1.0):
+    g = [math.exp(-((i - (size - 1) / 2) ** 2) / (2 * sigma**2)) for i in range(size)]
+    s = sum(g)
+    w = [[g[i] * g[j] / s**2 for j in range(size)] for i in range(size)]
+    c1, c2 = (k1 * L) ** 2, (k2 * L) ** 2
+    vals = []
+    H, W = x.shape
+    for i in range(H - size + 1):
+        for j in range(W - size + 1):
+            mx = sum(w[a][b] * float(x[i + a, j + b]) for a in range(size) for b in range(size))
+            my = sum(w[a][b] * float(y[i + a, j + b]) for a in range(size) for b in range(size))
+            vx = sum(w[a][b] * (float(x[i + a, j + b]) - mx) ** 2 for a in range(size) for b in range(size))
+            vy = sum(w[a][b] * (float(y[i + a, j + b]) - my) ** 2 for a in range(size) for b in range(size))
+            cxy = sum(w[a][b] * (float(x[i + a, j + b]) - mx) * (float(y[i + a, j + b]) - my)
+                      for a in range(size) for b in range(size))
+            vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return sum(vals) / len(vals)
+
+
+def test_ssim_matches_naive_windowed_formula():
+    x = torch.rand(1, 1, 10, 9)
+    y = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    got = ssim(x, y, data_range=1.0, window_size=7)
+    torch.testing.assert_close(got, torch.tensor(naive_ssim(x[0, 0], y[0, 0])), atol=1e-5, rtol=1e-5)
+
+
+def test_ssim_identity_and_ordering():
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(ssim(x, x), torch.tensor(1.0))
+    noisy = ssim(x + 0.05 * torch.randn_like(x), x, reduction="none")
+    noisier = ssim(x + 0.3 * torch.randn_like(x), x, reduction="none")
+    assert noisy.shape == (2,) and (noisier < noisy).all() and (noisy < 1).all()
+
+
+def test_masked_mse_uses_masked_positions_only():
+    pred, target = torch.zeros(2, 1, 3, 3), torch.ones(2, 1, 3, 3)
+    target[:, :, 0, 0] = 5.0
+    mask = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    mask[:, :, 1:, :] = True
+    torch.testing.assert_close(masked_mse(pred, target, mask), torch.tensor(1.0))
+    torch.testing.assert_close(masked_mse(pred, target, torch.zeros_like(mask)), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="mask: expected"):
+        masked_mse(pred, target, torch.ones(3, 1, 1, 1, dtype=torch.bool))
+
+
+def test_log2_mse_and_dice_values():
+    torch.testing.assert_close(log2_mse(torch.tensor([4.0, 1.0]), torch.tensor([1.0, 2.0])), torch.tensor(2.5))
+    logits = torch.tensor([[[10.0, -10.0, 10.0, -10.0]]])
+    target = torch.tensor([[[1.0, 0.0, 1.0, 0.0]]])
+    assert dice_loss(logits, target) < 1e-3
+    assert dice_loss(-logits, target) > 0.6
+
+
+def test_composite_loss_sums_weighted_terms_and_detaches_logs():
+    x = torch.tensor(2.0, requires_grad=True)
+    loss = CompositeLoss(a=(3.0, lambda v: v**2), b=(0.5, lambda v: v), c=(0.0, lambda v: 1 / 0))
+    out = loss(x)
+    torch.testing.assert_close(out.total, torch.tensor(13.0))
+    assert set(out.terms) == {"a", "b"} and not out.terms["a"].requires_grad
+    out.total.backward()
+    torch.testing.assert_close(x.grad, torch.tensor(12.5))
+    with pytest.raises(TypeError, match="a: expected"):
+        CompositeLoss(a=lambda v: v)
