@@ -1,0 +1,363 @@
+"""Multi-head attention: self-attention, cross-attention, a pre-norm transformer block and a
+residual self-attention over the positions of a feature map.
+
+Vaswani et al., "Attention Is All You Need", NeurIPS 2017. https://arxiv.org/abs/1706.03762
+
+Mask polarity everywhere in this file: ``True`` (or a nonzero integer) means *masked*, i.e. that
+key is NOT attended. This is the opposite of the boolean ``attn_mask`` of
+``F.scaled_dot_product_attention`` (where True means "take part"); the conversion happens in
+:func:`masked_attention` only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .drop import DropPath
+from .heads import MLP
+
+__all__ = ["Attention", "BottleneckAttention", "CrossAttention", "TransformerBlock", "masked_attention"]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                     dropout_p: float = 0.0, fused: bool = True) -> torch.Tensor:
+    r"""Scaled dot-product attention with a True-means-masked boolean mask and defined empty rows.
+
+    .. math::
+        \mathrm{out} = \mathrm{softmax}\big(q k^\top / \sqrt{D} + M\big)\, v,
+        \qquad M_{ij} = -\infty \text{ where } \mathrm{mask}_{ij} \text{ else } 0
+
+    A query row whose keys are all masked has an empty softmax; its output is defined as 0 (the
+    empty weighted sum) in both paths, forward and backward stay finite (no NaN).
+
+    Args:
+        q, k, v: queries, keys and values, heads already split.
+        mask: bool, ``True`` = this key is NOT attended; broadcastable to ``(B, H, Nq, Nk)``.
+        dropout_p: dropout on the attention weights (pass 0 in eval).
+        fused: ``F.scaled_dot_product_attention`` if True, else the softmax written out (the
+            reference path; both agree to float32 rounding).
+
+    Shapes:
+        - q: ``(B, H, Nq, D)``; k: ``(B, H, Nk, D)``; v: ``(B, H, Nk, Dv)``
+        - mask: broadcastable to ``(B, H, Nq, Nk)``, e.g. ``(B, 1, 1, Nk)``
+        - output: ``(B, H, Nq, Dv)``
+    """
+    scale = q.shape[-1] ** -0.5
+    empty = None
+    if mask is not None:
+        empty = mask.all(dim=-1, keepdim=True)
+        # Empty rows attend to every key instead (finite softmax, finite gradients) and are zeroed
+        # below, so no -inf row ever reaches the softmax.
+        mask = mask & ~empty
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else ~mask,
+                                             dropout_p=dropout_p, scale=scale)
+    else:
+        scores = (q * scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        # softmax in float32: half-precision exponent sums lose the small weights.
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, dropout_p, training=True)
+        out = weights @ v
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out
+
+
+def _check_tokens(x: torch.Tensor, name: str, dim: int, batch: int | None = None) -> None:
+    b = "B" if batch is None else str(batch)
+    if x.dim() != 3 or x.shape[-1] != dim or (batch is not None and x.shape[0] != batch):
+        raise ValueError(f"{name}: expected ({b}, N, {dim}), got {tuple(x.shape)}")
+
+
+def _key_mask(mask: torch.Tensor | None, name: str, batch: int, heads: int, n_q: int,
+              n_k: int) -> torch.Tensor | None:
+    """Validate a True-means-masked key mask and return it as bool ``(B, 1|H, 1|Nq, Nk)``."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"{name}: expected a bool (or integer 0/1) mask, True = masked, got {mask.dtype}")
+        mask = mask != 0
+    shape = tuple(mask.shape)
+    if shape == (batch, n_k):
+        return mask[:, None, None, :]
+    if shape == (batch, n_q, n_k):
+        return mask[:, None]
+    if shape == (batch, heads, n_q, n_k):
+        return mask
+    raise ValueError(f"{name}: expected ({batch}, {n_k}), ({batch}, {n_q}, {n_k}) or "
+                     f"({batch}, {heads}, {n_q}, {n_k}), got {shape}")
+
+
+def _zero_blind_queries(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the output tokens ``(B, Nq, C)`` that see no key in any head (projection bias included)."""
+    if mask is None:
+        return out
+    blind = mask.all(dim=-1).all(dim=1)  # (B, 1|Nq)
+    return out.masked_fill(blind[..., None], 0.0)
+
+
+def _head_dim(dim: int, heads: int) -> int:
+    if heads < 1 or dim % heads != 0:
+        raise ValueError(f"dim: expected a multiple of heads={heads}, got dim={dim}")
+    return dim // heads
+
+
+class Attention(nn.Module):
+    r"""Multi-head self-attention over tokens, with a fused (SDPA) and a written-out path.
+
+    .. math::
+        [q, k, v] = x W_{qkv}, \quad
+        y = \mathrm{concat}_h\big(\mathrm{softmax}(q_h k_h^\top / \sqrt{D} + M)\, v_h\big) W_{proj}
+
+    with ``D = dim // heads`` and :math:`M = -\infty` where ``mask`` is True. ``qkv`` is laid out
+    ``(3, heads, D)`` along its output features (timm's layout, so weights can be copied).
+
+    Mask: ``True`` = this key is NOT attended (masked), ``False`` = attended. A query that sees no
+    key (every key masked for it in every head) outputs exactly 0, never NaN; within one head a
+    query with no visible key contributes a zero mix.
+
+    Args:
+        dim: token width ``C``; must be divisible by ``heads``.
+        heads: number of heads.
+        qkv_bias: bias in the ``qkv`` projection.
+        proj_bias: bias in the output projection ``proj``.
+        attn_drop: dropout on the attention weights (training only).
+        proj_drop: dropout after the output projection.
+        fused: use ``F.scaled_dot_product_attention``; ``False`` runs the reference softmax path.
+            A plain attribute, may be flipped after construction.
+
+    Shapes:
+        - x: ``(B, N, C)``
+        - mask: ``(B, N)`` key padding, ``(B, N, N)`` or ``(B, heads, N, N)``, bool
+        - output: ``(B, N, C)``
+    """
+
+    def __init__(self, dim: int, heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.head_dim = _head_dim(dim, heads)
+        self.dim = dim
+        self.heads = heads
+        self.attn_drop = attn_drop
+        self.fused = fused
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device, dtype=dtype)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def reset_parameters(self) -> None:
+        self.qkv.reset_parameters()
+        self.proj.reset_parameters()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tokens(x, "x", self.dim)
+        b, n, _ = x.shape
+        mask = _key_mask(mask, "mask", b, self.heads, n, n)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        out = masked_attention(q, k, v, mask, self.attn_drop if self.training else 0.0, self.fused)
+        out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        return _zero_blind_queries(out, mask)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, fused={self.fused}"
+
+
+class CrossAttention(nn.Module):
+    r"""Multi-head attention from tokens ``x`` to a context sequence (plain op, no residual).
+
+    .. math::
+        q = x W_q, \quad [k, v] = c W_{kv}, \quad
+        y = \mathrm{concat}_h\big(\mathrm{softmax}(q_h k_h^\top / \sqrt{D} + M)\, v_h\big) W_{proj}
+
+    Mask: ``context_mask`` True = that context token is NOT attended. A query that sees no context
+    token outputs exactly 0 (e.g. a sample whose whole context is padding), never NaN.
+
+    Args:
+        dim: query/output width; must be divisible by ``heads``.
+        context_dim: width of the context tokens.
+        heads: number of heads.
+        qkv_bias: bias in the ``q`` and ``kv`` projections.
+        proj_bias: bias in the output projection ``proj``.
+        attn_drop, proj_drop: dropout on the weights and after ``proj`` (training only).
+        fused: use ``F.scaled_dot_product_attention``; ``False`` runs the reference path.
+
+    Shapes:
+        - x: ``(B, N, dim)``
+        - context: ``(B, L, context_dim)``
+        - context_mask: ``(B, L)``, ``(B, N, L)`` or ``(B, heads, N, L)``, bool
+        - output: ``(B, N, dim)``
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 8, qkv_bias: bool = False,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 fused: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.head_dim = _head_dim(dim, heads)
+        self.dim = dim
+        self.context_dim = context_dim
+        self.heads = heads
+        self.attn_drop = attn_drop
+        self.fused = fused
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, device=device, dtype=dtype)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device, dtype=dtype)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def reset_parameters(self) -> None:
+        for layer in (self.q, self.kv, self.proj):
+            layer.reset_parameters()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tokens(x, "x", self.dim)
+        b, n, _ = x.shape
+        _check_tokens(context, "context", self.context_dim, batch=b)
+        mask = _key_mask(context_mask, "context_mask", b, self.heads, n, context.shape[1])
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        out = masked_attention(q, k, v, mask, self.attn_drop if self.training else 0.0, self.fused)
+        out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        return _zero_blind_queries(out, mask)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context_dim={self.context_dim}, heads={self.heads}, fused={self.fused}"
+
+
+class TransformerBlock(nn.Module):
+    r"""Pre-norm transformer block: self-attention, optional cross-attention, MLP; identity at init.
+
+    .. math::
+        x &\leftarrow x + \mathrm{DropPath}(\mathrm{Attn}(\mathrm{LN}_1 x)) \\
+        x &\leftarrow x + \mathrm{DropPath}(\mathrm{CrossAttn}(\mathrm{LN}_2 x, c))
+            \quad\text{(only when context\_dim is set)} \\
+        x &\leftarrow x + \mathrm{DropPath}(\mathrm{MLP}(\mathrm{LN}_3 x))
+
+    With ``zero_init=True`` (default) the last layer of every branch (``attn.proj``,
+    ``cross.proj``, ``mlp.out``) starts at zero, so the block is exactly the identity at init.
+
+    Args:
+        dim: token width; must be divisible by ``heads``.
+        heads: number of attention heads.
+        mlp_ratio: MLP hidden width is ``int(dim * mlp_ratio)``.
+        context_dim: width of the context tokens; ``None`` builds no cross-attention.
+        drop_path: stochastic-depth probability of each residual branch.
+        act_layer: MLP activation.
+        norm_layer: called as ``norm_layer(dim)`` for each pre-norm.
+        qkv_bias: bias in the attention input projections.
+        zero_init: zero the last layer of each branch (identity at init).
+        fused: attention path, see :class:`Attention`.
+
+    Shapes:
+        - x: ``(B, N, dim)``
+        - context: ``(B, L, context_dim)``, required iff ``context_dim`` is set
+        - mask: self-attention key mask, see :class:`Attention` (True = masked)
+        - context_mask: context key mask, see :class:`CrossAttention` (True = masked)
+        - output: ``(B, N, dim)``
+    """
+
+    def __init__(self, dim: int, heads: int = 8, mlp_ratio: float = 4.0, context_dim: int | None = None,
+                 drop_path: float = 0.0, act_layer: Callable[[], nn.Module] = nn.GELU,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, qkv_bias: bool = False,
+                 zero_init: bool = True, fused: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.context_dim = context_dim
+        self.zero_init = zero_init
+        kw = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim).to(**kw)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, fused=fused, **kw)
+        self.drop_path1 = DropPath(drop_path)
+        if context_dim is not None:
+            self.norm2 = norm_layer(dim).to(**kw)
+            self.cross = CrossAttention(dim, context_dim, heads, qkv_bias=qkv_bias, fused=fused, **kw)
+            self.drop_path2 = DropPath(drop_path)
+        self.norm3 = norm_layer(dim).to(**kw)
+        self.mlp = MLP(dim, hidden=(int(dim * mlp_ratio),), out_dim=dim, act_layer=act_layer, **kw)
+        self.drop_path3 = DropPath(drop_path)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.zero_init:
+            return
+        lasts = [self.attn.proj, self.mlp.out] + ([self.cross.proj] if self.context_dim is not None else [])
+        for layer in lasts:
+            nn.init.zeros_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tokens(x, "x", self.dim)
+        if self.context_dim is None and (context is not None or context_mask is not None):
+            raise ValueError("context: this block was built with context_dim=None, got a context")
+        if self.context_dim is not None and context is None:
+            raise ValueError(f"context: expected ({x.shape[0]}, L, {self.context_dim}), got None")
+        x = x + self.drop_path1(self.attn(self.norm1(x), mask))
+        if self.context_dim is not None:
+            x = x + self.drop_path2(self.cross(self.norm2(x), context, context_mask))
+        return x + self.drop_path3(self.mlp(self.norm3(x)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context_dim={self.context_dim}"
+
+
+class BottleneckAttention(nn.Module):
+    r"""Residual pre-norm self-attention over the ``H*W`` positions of a feature map; identity at init.
+
+    .. math::
+        t = \mathrm{tokens}(x) \in \mathbb{R}^{B \times HW \times C}, \qquad
+        y = x + \mathrm{map}\big(\mathrm{Attn}(\mathrm{LN}(t))\big)
+
+    LayerNorm over ``C`` sits inside the residual branch (the seed's post-norm
+    ``LN(t + MHA(t))`` is not the identity at init); ``attn.proj`` is zero-initialised, so
+    ``y == x`` exactly until it is trained. No positional encoding (as in the seed).
+
+    Args:
+        channels: ``C``; must be divisible by ``heads``.
+        heads: number of heads.
+        qkv_bias: bias in the ``qkv`` projection.
+        fused: attention path, see :class:`Attention`.
+
+    Shapes:
+        - x: ``(B, C, H, W)``
+        - mask: optional ``(B, H, W)`` bool, True = that position is NOT attended as a key
+          (e.g. padding); masked positions still receive an update
+        - output: ``(B, C, H, W)``
+    """
+
+    def __init__(self, channels: int, heads: int = 4, qkv_bias: bool = False, fused: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.channels = channels
+        self.norm = nn.LayerNorm(channels, device=device, dtype=dtype)
+        self.attn = Attention(channels, heads, qkv_bias=qkv_bias, fused=fused, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.norm.reset_parameters()
+        self.attn.reset_parameters()
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        if mask is not None:
+            if tuple(mask.shape) != (b, h, w):
+                raise ValueError(f"mask: expected ({b}, {h}, {w}), got {tuple(mask.shape)}")
+            mask = mask.reshape(b, h * w)
+        tokens = rearrange(x, "b c h w -> b (h w) c")
+        update = self.attn(self.norm(tokens), mask)
+        return x + rearrange(update, "b (h w) c -> b c h w", h=h, w=w)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
