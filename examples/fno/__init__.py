@@ -1,0 +1,1 @@
+"""Helpers of the FNO stability shootout (examples/fno_shootout.py): the grid-lines simulator."""

@@ -1,0 +1,119 @@
+"""Arms of the FNO stability shootout: the model per arm, the physics loss and the metrics."""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from blockyard.blocks import FNOBlock, HybridUNO, StableFNOBlock
+from blockyard.losses import ssim
+
+from .sim import diffract
+
+__all__ = ["ARMS", "Arm", "PtychoNet", "Reconstruction", "classify_failure", "physics_loss", "reconstruction_metrics"]
+
+
+class Arm(NamedTuple):
+    """One configuration: the block every encoder level uses, and the clipping rule."""
+
+    block: Callable[[int, int], nn.Module]
+    clip: str | None  # "norm", "agc" or None
+    clip_value: float
+    description: str
+
+
+ARMS: dict[str, Arm] = {
+    "hybrid": Arm(FNOBlock, None, 0.0, "x + GELU(K x + W x), no clipping (the protocol's control)"),
+    "hybrid_clip": Arm(FNOBlock, "norm", 1.0, "hybrid + global norm clip 1.0 (the original's real control)"),
+    "hybrid_agc": Arm(FNOBlock, "agc", 0.01, "hybrid + unit-wise AGC 0.01"),
+    "stable_zero_gamma": Arm(partial(StableFNOBlock, scale="zero_gamma"), None, 0.0,
+                             "norm-last, zero-init InstanceNorm affine, no clipping"),
+    "stable_layerscale": Arm(partial(StableFNOBlock, scale="layerscale"), None, 0.0,
+                             "norm-last, LayerScale 1e-3, no clipping"),
+}
+
+
+class Reconstruction(NamedTuple):
+    """Model output: object amplitude in (0, 1) and phase in (-pi, pi), each ``(B, n, n)``."""
+
+    amplitude: torch.Tensor
+    phase: torch.Tensor
+
+
+class PtychoNet(nn.Module):
+    """Diffraction amplitude -> complex object patch with a :class:`HybridUNO` core.
+
+    The input is divided by a fixed ``input_scale`` (the training set's RMS); the two output
+    channels become ``amplitude = sigmoid(c0)`` and ``phase = pi * tanh(c1)``.
+    """
+
+    def __init__(self, block: Callable[[int, int], nn.Module], hidden: int, levels: int, modes: int,
+                 blocks_per_level: int = 1, input_scale: float = 1.0) -> None:
+        super().__init__()
+        self.core = HybridUNO(1, 2, hidden=hidden, levels=levels, modes=modes, block=block,
+                              blocks_per_level=blocks_per_level)
+        self.register_buffer("input_scale", torch.tensor(float(input_scale)))
+
+    def forward(self, diffraction: torch.Tensor) -> Reconstruction:
+        out = self.core(diffraction / self.input_scale)
+        return Reconstruction(torch.sigmoid(out[:, 0]), math.pi * torch.tanh(out[:, 1]))
+
+
+def physics_loss(rec: Reconstruction, observed: torch.Tensor, probe: torch.Tensor, kind: str = "mae") -> torch.Tensor:
+    """Self-supervised loss through the forward model, normalised by the mean observation.
+
+    ``mae``: ``mean |A(pred) - obs| / mean(obs)`` with ``A`` the far-field amplitude of
+    ``probe * pred``. ``poisson``: the Poisson negative log-likelihood of the observed counts
+    ``obs^2`` under intensity ``A(pred)^2`` (constants dropped), ``/ mean(obs^2)``. Float32.
+    """
+    obj = torch.polar(rec.amplitude.float(), rec.phase.float())
+    pred = diffract(obj, probe)
+    obs = observed[:, 0].float()
+    if kind == "mae":
+        return (pred - obs).abs().mean() / obs.mean()
+    if kind == "poisson":
+        lam, k = pred.square(), obs.square()
+        return (lam - k * torch.log(lam + 1e-8)).mean() / k.mean()
+    raise ValueError(f"kind: expected 'mae' or 'poisson', got {kind!r}")
+
+
+def _wrap(phase: torch.Tensor) -> torch.Tensor:
+    return torch.remainder(phase + math.pi, 2 * math.pi) - math.pi
+
+
+def reconstruction_metrics(amp: torch.Tensor, phase: torch.Tensor, obj: torch.Tensor) -> dict[str, float]:
+    """SSIM and MAE of stitched amplitude and phase against the ground-truth object region.
+
+    Amplitude is rescaled by ``mean(target) / mean(pred)`` first (the seed's convention); phase
+    has its mean offset removed (a global phase is unobservable in diffraction) and is compared
+    wrapped, mapped to [0, 1] for SSIM. ``amp_cv`` is the prediction's std / mean: a collapsed
+    run outputs a constant amplitude.
+    """
+    true_amp, true_phase = obj.abs().float(), obj.angle().float()
+    cv = float(amp.std() / amp.mean().clamp_min(1e-12))
+    scaled = amp * (true_amp.mean() / amp.mean().clamp_min(1e-12))
+    offset = torch.angle(torch.exp(1j * (phase - true_phase).double()).mean()).float()
+    aligned = _wrap(phase - offset)
+    err = _wrap(aligned - true_phase)
+    return {
+        "amp_ssim": float(ssim(scaled[None, None], true_amp[None, None])),
+        "amp_mae": float((scaled - true_amp).abs().mean()),
+        "phase_ssim": float(ssim(((true_phase + err + math.pi) / (2 * math.pi))[None, None],
+                                 ((true_phase + math.pi) / (2 * math.pi))[None, None], data_range=1.0)),
+        "phase_mae": float(err.abs().mean()),
+        "amp_cv": cv,
+    }
+
+
+def classify_failure(finite: bool, best_val: float, final_val: float, amp_cv: float) -> str | None:
+    """The pre-registered failure rule: non-finite, collapsed (amp std/mean < 1e-3), or final > 3x best."""
+    if not finite or not math.isfinite(final_val):
+        return "non-finite"
+    if amp_cv < 1e-3:
+        return "collapsed"
+    if final_val > 3 * best_val:
+        return "diverged"
+    return None

@@ -1,0 +1,297 @@
+"""FNO stability shootout: which residual block or clipping rule keeps a hybrid U-NO training?
+
+System: the FNO / hybrid U-NO stability study (../shared/seeds/003_c689caed013b65eb.txt). The
+original drew conclusions from one seed, half the Fourier modes, a channel cap that never reached
+the model, a schedule that never stepped and phase metrics on phase-free data. Here every arm
+(hybrid, hybrid + norm clip, hybrid + AGC, stable zero-gamma, stable LayerScale) trains on the
+same simulated grid-lines ptychography data for N seeds, with a warmup + cosine schedule that
+steps every optimizer step, and the run reports per arm: failures / n, median and IQR over the
+successful runs of best and final validation loss and of amplitude and phase SSIM, gradient-norm
+median / p99 / max, and activation mean / std per block versus depth at init and at the end.
+
+    python examples/fno_shootout.py                      # CPU default, 5 arms x 3 seeds
+    python examples/fno_shootout.py --deep               # more FNO blocks per level
+    torchrun --standalone --nproc_per_node=2 examples/fno_shootout.py   # runs shared across ranks
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fno.arms import ARMS, PtychoNet, classify_failure, physics_loss, reconstruction_metrics
+from fno.sim import make_probe, simulate, stitch
+
+from blockyard.blocks import FNOBlock, StableFNOBlock, count_parameters
+from blockyard.train import (
+    ActivationMonitor,
+    Dashboard,
+    apply_lr,
+    autocast,
+    barrier,
+    clip_gradients,
+    seed_everything,
+    setup_distributed,
+    sweep_summary,
+    teardown_distributed,
+    warmup_cosine,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/fno")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
+    p.add_argument("--seeds", type=int, default=3, help="runs per arm")
+    p.add_argument("--seed", type=int, default=0, help="first seed; run i uses seed + i")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--loss", default="mae", choices=["mae", "poisson"])
+    p.add_argument("--size", type=int, default=96, help="object size in px")
+    p.add_argument("--patch", type=int, default=32)
+    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=16)
+    p.add_argument("--modes", type=int, default=8)
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--blocks-per-level", type=int, default=1)
+    p.add_argument("--nphotons", type=float, default=1e9)
+    p.add_argument("--deep", action="store_true", help="stress test: 3 blocks per level (never more levels)")
+    p.add_argument("--resume", default=None, help="'auto': keep finished runs found in --out")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for tests")
+    args = p.parse_args(argv)
+    if args.deep:
+        args.blocks_per_level = max(args.blocks_per_level, 3)
+    if args.smoke:
+        args.size, args.patch, args.stride, args.hidden, args.modes = 40, 16, 8, 4, 4
+        args.levels, args.epochs, args.seeds, args.batch_size = 2, 2, 1, 4
+    return args
+
+
+def evaluate(model, scan, probe, args, batch=64):
+    """Validation loss over all patches of a scan, and the stitched reconstruction."""
+    model.eval()
+    losses, amps, phases = [], [], []
+    with torch.no_grad(), autocast("cpu", args.precision):
+        for i in range(0, len(scan.diffraction), batch):
+            x = scan.diffraction[i:i + batch]
+            rec = model(x)
+            losses.append(physics_loss(rec, x, probe, args.loss) * len(x))
+            amps.append(rec.amplitude.float())
+            phases.append(rec.phase.float())
+    model.train()
+    loss = float(torch.stack(losses).sum()) / len(scan.diffraction)
+    return loss, stitch(torch.cat(amps), scan.grid, scan.stride), stitch(torch.cat(phases), scan.grid, scan.stride)
+
+
+def activation_profile(model, x):
+    with ActivationMonitor(model, module_types=(FNOBlock, StableFNOBlock)) as monitor, torch.no_grad():
+        model(x)
+    return {name: {"mean": s.mean, "std": s.std, "abs_max": s.abs_max} for name, s in monitor.stats().items()}
+
+
+def run_one(arm_name, seed, args, out_dir):
+    """Train one arm with one seed; return its JSON-able record."""
+    arm = ARMS[arm_name]
+    gen = seed_everything(seed)
+    probe = make_probe(args.patch)
+    train = simulate(args.size, args.patch, args.stride, probe, args.nphotons, generator=gen)
+    test = simulate(args.size, args.patch, args.stride, probe, args.nphotons, generator=gen)
+    torch.manual_seed(seed)  # the same init for every arm of this seed
+    rms = float(train.diffraction.square().mean().sqrt())
+    model = PtychoNet(arm.block, args.hidden, args.levels, args.modes, args.blocks_per_level, rms)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    n = len(train.diffraction)
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    warmup = int(args.warmup * total)
+    probe_batch = train.diffraction[: args.batch_size]
+    act_init = activation_profile(model, probe_batch)
+    curve, grad_norms, lrs, finite, step = [], [], [], True, 0
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        order = torch.randperm(n, generator=gen)
+        epoch_loss = torch.zeros(())
+        for i in range(0, n, args.batch_size):
+            lr = warmup_cosine(step, total, warmup, args.lr, min_lr=0.01 * args.lr)
+            apply_lr(opt, lr)
+            x = train.diffraction[order[i:i + args.batch_size]]
+            with autocast("cpu", args.precision):
+                loss = physics_loss(model(x), x, probe, args.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if arm.clip is None:
+                norm = clip_gradients(model.parameters(), "norm", math.inf)  # measure only
+            else:
+                norm = clip_gradients(model.parameters(), arm.clip, arm.clip_value)
+            opt.step()
+            grad_norms.append(norm)
+            epoch_loss += loss.detach() * len(x)
+            step += 1
+        lrs.append(lr)
+        train_loss = float(epoch_loss) / n
+        val_loss, _, _ = evaluate(model, test, probe, args)
+        curve.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            finite = False
+            break
+    val_loss, amp, phase = evaluate(model, test, probe, args)
+    b = (args.patch - args.stride) // 2
+    region = test.obj[b:b + amp.shape[0], b:b + amp.shape[1]]
+    metrics = reconstruction_metrics(amp, phase, region) if finite else {}
+    norms = torch.stack(grad_norms).double()
+    vals = [c["val_loss"] for c in curve]
+    best = min(vals) if vals else math.nan
+    failure = classify_failure(finite, best, vals[-1] if vals else math.nan, metrics.get("amp_cv", 0.0))
+    record = {
+        "arm": arm_name, "seed": seed, "failure": failure, "params": count_parameters(model),
+        "best_val": best, "final_val": vals[-1] if vals else math.nan, "curve": curve, **metrics,
+        "grad_norm": {"median": float(norms.median()), "p99": float(norms.quantile(0.99)),
+                      "max": float(norms.max()), "steps": len(grad_norms)},
+        "activations_init": act_init, "activations_end": activation_profile(model, probe_batch) if finite else {},
+        "seconds": time.perf_counter() - start,
+    }
+    tmp = out_dir / f"{arm_name}_seed{seed}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, out_dir / f"{arm_name}_seed{seed}.json")
+    save_file({"amplitude": amp.contiguous(), "phase": phase.contiguous(),
+               "true_amplitude": region.abs().contiguous(), "true_phase": region.angle().contiguous()},
+              str(out_dir / f"{arm_name}_seed{seed}_recon.safetensors"))
+    return record
+
+
+def summarize(records, arm_names):
+    """Per-arm table rows: failures / n and median [IQR] over the successful runs."""
+    rows = {}
+    for arm in arm_names:
+        runs = [r for r in records if r["arm"] == arm]
+        failed = [r["failure"] is not None for r in runs]
+        row = {"n": len(runs), "failures": sum(failed), "failure_kinds": [r["failure"] for r in runs if r["failure"]]}
+        for key in ("best_val", "final_val", "amp_ssim", "phase_ssim", "amp_mae", "phase_mae"):
+            row[key] = sweep_summary([r.get(key) for r in runs], failed)._asdict()
+        pooled = [r["grad_norm"] for r in runs]
+        row["grad_norm"] = {k: float(torch.tensor([g[k] for g in pooled]).median()) for k in ("median", "p99", "max")}
+        for when in ("activations_init", "activations_end"):
+            blocks = [b for b in (runs[0][when] if runs else {})]
+            row[when] = {b: {s: float(torch.tensor([r[when][b][s] for r in runs if b in r[when]]).mean())
+                             for s in ("mean", "std")} for b in blocks}
+        rows[arm] = row
+    return rows
+
+
+def print_table(rows, file=sys.stdout):
+    def cell(s):
+        return "-" if math.isnan(s["median"]) else f"{s['median']:.4f} [{s['q25']:.4f}, {s['q75']:.4f}]"
+
+    head = (f"{'arm':<18} {'fail':>5}  {'best val':<26} {'final val':<26} {'amp SSIM':<26} {'phase SSIM':<26} "
+            "grad med/p99/max")
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for arm, r in rows.items():
+        g = r["grad_norm"]
+        print(f"{arm:<18} {r['failures']}/{r['n']:<3}  {cell(r['best_val']):<26} {cell(r['final_val']):<26} "
+              f"{cell(r['amp_ssim']):<26} {cell(r['phase_ssim']):<26} "
+              f"{g['median']:.3g}/{g['p99']:.3g}/{g['max']:.3g}", file=file)
+    print("\nactivation std per block vs depth (init -> end, mean over seeds):", file=file)
+    for arm, r in rows.items():
+        pairs = [f"{r['activations_init'][b]['std']:.3g}->{r['activations_end'].get(b, {}).get('std', math.nan):.3g}"
+                 for b in r["activations_init"]]
+        print(f"  {arm:<18} " + "  ".join(pairs), file=file)
+
+
+def plot(records, rows, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from safetensors.torch import load_file
+    except ImportError:
+        print("matplotlib not installed: skipping plots (pip install blockyard[examples])")
+        return
+    arms = list(rows)
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        for r in (r for r in records if r["arm"] == arm):
+            ax.plot([c["epoch"] for c in r["curve"]], [c["val_loss"] for c in r["curve"]],
+                    color="C3" if r["failure"] else "C0", lw=1)
+        ax.set_title(arm, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("validation loss")
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)
+    first = {arm: min((r for r in records if r["arm"] == arm), key=lambda r: r["seed"]) for arm in arms}
+    fig, axes = plt.subplots(2, len(arms) + 1, figsize=(2.4 * (len(arms) + 1), 5), squeeze=False)
+    for j, arm in enumerate(arms):
+        rec = load_file(str(out / "runs" / f"{arm}_seed{first[arm]['seed']}_recon.safetensors"))
+        if j == 0:
+            axes[0][0].imshow(rec["true_amplitude"], cmap="gray")
+            axes[1][0].imshow(rec["true_phase"], cmap="twilight")
+            axes[0][0].set_title("ground truth", fontsize=9)
+        axes[0][j + 1].imshow(rec["amplitude"], cmap="gray")
+        axes[1][j + 1].imshow(rec["phase"], cmap="twilight")
+        axes[0][j + 1].set_title(arm, fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "reconstructions.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    info = setup_distributed()
+    out = Path(args.out)
+    run_dir = out / "runs"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    arm_names = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arm_names if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    jobs = [(a, args.seed + i) for i in range(args.seeds) for a in arm_names]
+    if args.resume == "auto":
+        todo = [j for j in jobs if not (run_dir / f"{j[0]}_seed{j[1]}.json").exists()]
+    else:
+        todo = jobs
+    mine = todo[info.rank::info.world_size]
+    torch.set_num_threads(max(1, torch.get_num_threads() // info.world_size))
+    if info.is_main:
+        print(f"FNO shootout: {len(arm_names)} arms x {args.seeds} seeds = {len(jobs)} runs "
+              f"({len(jobs) - len(todo)} already done), {info.world_size} process(es); out: {out}")
+    if mine:
+        with Dashboard(total=len(mine), every_s=0 if args.smoke else 30, is_main=info.is_main) as dash:
+            for k, (arm, seed) in enumerate(mine):
+                r = run_one(arm, seed, args, run_dir)
+                dash.update(k + 1, arm=arm, seed=seed, best_val=r["best_val"], failure=r["failure"] or "none")
+    barrier()
+    if info.is_main:
+        records = [json.loads((run_dir / f"{a}_seed{s}.json").read_text()) for a, s in jobs]
+        with open(out / "metrics.jsonl.tmp", "w") as f:
+            for r in records:
+                for c in r["curve"]:
+                    f.write(json.dumps({"arm": r["arm"], "seed": r["seed"], **c}) + "\n")
+        os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
+        rows = summarize(records, arm_names)
+        summary = {"args": vars(args), "arms": {a: ARMS[a].description for a in arm_names}, "table": rows,
+                   "params": {a: next(r["params"] for r in records if r["arm"] == a) for a in arm_names}}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_table(rows)
+        plot(records, rows, out)
+        print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'} and PNG plots")
+    teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
