@@ -23,6 +23,8 @@ class FiLM(nn.Module):
     Args:
         cond_dim: size of the conditioning vector ``c``.
         channels: number of channels ``C`` of ``x`` (dim 1).
+        bias: learn ``b``. With ``bias=False`` a zero ``c`` is the identity at any point of
+            training (FusionNet zeroes ``c`` for an empty history so that it stays "no context").
 
     Shapes:
         - x: ``(B, C, *spatial)`` with any number (0 included) of trailing dims
@@ -30,16 +32,17 @@ class FiLM(nn.Module):
         - output: same as ``x``
     """
 
-    def __init__(self, cond_dim: int, channels: int, device=None, dtype=None) -> None:
+    def __init__(self, cond_dim: int, channels: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         self.cond_dim = cond_dim
         self.channels = channels
-        self.proj = nn.Linear(cond_dim, 2 * channels, device=device, dtype=dtype)
+        self.proj = nn.Linear(cond_dim, 2 * channels, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.channels:
