@@ -1,0 +1,130 @@
+"""FusionNet v2 assembled from blockyard blocks.
+
+A 4-level GroupNorm U-Net over the 9-channel grid encoding, FiLM after every decoder level from
+a GRU over the history of previous effective ops, bottleneck self-attention, and two heads on
+the finest decoder map: K position hypotheses (winner-takes-all) and 12 action classes per pixel.
+The seed's widths are 48/96/192/192 at 128x128 on GPUs; the CPU default is 16/32/64/64.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockyard.blocks import BottleneckAttention, ConvHead, DecoderLevel, EncoderLevel, ResBlock
+
+from .encoding import IN_CHANNELS
+
+__all__ = ["FusionNet", "FusionOutput", "HistoryEncoder"]
+
+N_ACTIONS = 12
+
+
+class FusionOutput(NamedTuple):
+    """``position``: ``(B, K, H, W)`` logits per hypothesis; ``action``: ``(B, 12, H, W)`` logits."""
+
+    position: torch.Tensor
+    action: torch.Tensor
+
+
+class HistoryEncoder(nn.Module):
+    """GRU over previous effective ops; a zero vector for an empty history.
+
+    Each entry ``(action, y, x, crossings before, crossings after)`` embeds action, y and x with
+    lookup tables and the two crossing counts (divided by the initial crossings) with a linear
+    layer each; the GRU reads the entries oldest first and the context is its last layer's
+    output at the last real entry (gathered, so no host sync for packing).
+
+    Shapes:
+        - history: ``(B, T, 5)``; length: ``(B,)``; initial_crossings: ``(B,)``
+        - output: ``(B, hidden)``
+    """
+
+    def __init__(self, hidden: int = 64, embed: int = 16, layers: int = 2, dropout: float = 0.15,
+                 max_grid: int = 128) -> None:
+        super().__init__()
+        self.max_grid = max_grid
+        self.action = nn.Embedding(N_ACTIONS, embed)
+        self.y = nn.Embedding(max_grid, embed)
+        self.x = nn.Embedding(max_grid, embed)
+        self.before = nn.Sequential(nn.Linear(1, embed), nn.ReLU())
+        self.after = nn.Sequential(nn.Linear(1, embed), nn.ReLU())
+        self.gru = nn.GRU(5 * embed, hidden, num_layers=layers, batch_first=True,
+                          dropout=dropout if layers > 1 else 0.0)
+
+    def forward(self, history: torch.Tensor, length: torch.Tensor, initial_crossings: torch.Tensor) -> torch.Tensor:
+        if history.dim() != 3 or history.shape[-1] != 5:
+            raise ValueError(f"history: expected (B, T, 5), got {tuple(history.shape)}")
+        ints = history[..., :3].long()
+        scale = initial_crossings.float().clamp_min(1)[:, None, None]
+        crossings = history[..., 3:].float() / scale
+        feats = torch.cat([self.action(ints[..., 0].clamp(0, N_ACTIONS - 1)),
+                           self.y(ints[..., 1].clamp(0, self.max_grid - 1)),
+                           self.x(ints[..., 2].clamp(0, self.max_grid - 1)),
+                           self.before(crossings[..., :1]), self.after(crossings[..., 1:])], dim=-1)
+        out, _ = self.gru(feats)
+        last = (length.long() - 1).clamp_min(0)
+        context = out.gather(1, last[:, None, None].expand(-1, 1, out.shape[-1]))[:, 0]
+        return context * (length > 0)[:, None].to(context.dtype)
+
+
+class FusionNet(nn.Module):
+    """U-Net + history-FiLM + bottleneck attention + WTA position and action heads.
+
+    Args:
+        widths: channels per level, finest first (4 levels in the seed).
+        hypotheses: ``K`` position hypotheses.
+        rnn_hidden, rnn_layers, embed, rnn_dropout: history encoder.
+        heads: bottleneck attention heads.
+        dropout: ``Dropout2d`` after the bottleneck residual block.
+        max_grid: largest grid side the y/x embeddings accept.
+
+    Shapes:
+        - x: ``(B, 9, H, W)`` from :func:`encoding.encode`; any H, W (padded to a multiple of
+          ``2 ** (levels - 1)`` inside and cropped back)
+        - history: ``(B, 32, 5)``; history_len, initial_crossings: ``(B,)``
+        - output: :class:`FusionOutput`
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 64), hypotheses: int = 4, rnn_hidden: int = 64,
+                 rnn_layers: int = 2, embed: int = 16, rnn_dropout: float = 0.15, heads: int = 4,
+                 dropout: float = 0.15, max_grid: int = 128) -> None:
+        super().__init__()
+        act = partial(nn.LeakyReLU, 0.01)
+        self.widths, self.hypotheses = tuple(widths), hypotheses
+        self.multiple = 2 ** (len(widths) - 1)
+        self.history = HistoryEncoder(rnn_hidden, embed, rnn_layers, rnn_dropout, max_grid)
+        self.encoders = nn.ModuleList(
+            EncoderLevel(IN_CHANNELS if i == 0 else widths[i - 1], w, downsample=i > 0, act_layer=act)
+            for i, w in enumerate(widths))
+        self.mid = ResBlock(widths[-1], act_layer=act)
+        self.mid_drop = nn.Dropout2d(dropout)
+        self.mid_attn = BottleneckAttention(widths[-1], heads=heads)
+        self.decoders = nn.ModuleList(
+            DecoderLevel(widths[i + 1], widths[i], widths[i], cond_dim=rnn_hidden, film_bias=False, act_layer=act)
+            for i in reversed(range(len(widths) - 1)))
+        self.position_head = ConvHead(widths[0], hypotheses, depth=3, act_layer=act)
+        self.action_head = ConvHead(widths[0], N_ACTIONS, depth=2, act_layer=act)
+
+    def forward(self, x: torch.Tensor, history: torch.Tensor, history_len: torch.Tensor,
+                initial_crossings: torch.Tensor) -> FusionOutput:
+        if x.dim() != 4 or x.shape[1] != IN_CHANNELS:
+            raise ValueError(f"x: expected (B, {IN_CHANNELS}, H, W), got {tuple(x.shape)}")
+        if history.shape[0] != x.shape[0]:
+            raise ValueError(f"history: expected ({x.shape[0]}, T, 5), got {tuple(history.shape)}")
+        cond = self.history(history, history_len, initial_crossings)
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.multiple, -width % self.multiple
+        h = F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        skips = []
+        for level in self.encoders:
+            h = level(h)
+            skips.append(h)
+        h = self.mid_attn(self.mid_drop(self.mid(skips.pop())))
+        for level in self.decoders:
+            h = level(h, skips.pop(), cond)
+        h = h[..., :height, :width]
+        return FusionOutput(self.position_head(h), self.action_head(h))
