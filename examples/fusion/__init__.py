@@ -1,0 +1,1 @@
+"""FusionNet v2 world: grid environment, operation tables, annealing teacher (see examples/fusion_ddp.py)."""
