@@ -1,0 +1,193 @@
+"""Pickle-free encoding of training state: a JSON tree plus a flat dict of tensors for safetensors.
+
+``torch.save`` pickles, and loading a pickle runs arbitrary code; since PyTorch 2.6
+``torch.load(weights_only=True)`` refuses common state such as ``np.random.get_state()``.
+This module turns any state dict built from the usual pieces (nested dicts, lists, tuples,
+tensors, numpy arrays and scalars, python scalars, ``torch.dtype``/``torch.device``) into a
+JSON-serialisable tree in which every tensor is replaced by a reference into a flat
+``{name: tensor}`` dict that ``safetensors`` can store, and back again, exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+__all__ = ["decode_state", "dumps_json", "encode_state", "pack", "unpack"]
+
+_META_KEY = "blockyard.tree"
+
+# A dict whose only key is one of these is a tagged value; a user dict of that shape is
+# stored in the explicit "__dict__" form so it can never be mistaken for one.
+_TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__", "__dtype__", "__device__",
+         "__npscalar__")
+
+
+def dumps_json(tree: Any) -> bytes:
+    """Compact JSON bytes (strict: no NaN); floats are written with ``repr`` so they round-trip exactly."""
+    return json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r} in checkpoint")
+    return dtype
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, str] = {}  # exact view identity -> stored name (aliases)
+        self._storages: set[int] = set()
+
+    def _name(self, path: list[str]) -> str:
+        base = ".".join(path) or "tensor"
+        name, i = base, 1
+        while name in self.tensors:
+            name, i = f"{base}#{i}", i + 1
+        return name
+
+    def tensor(self, t: torch.Tensor, path: list[str]) -> str:
+        t = t.detach()
+        if t.layout != torch.strided:
+            raise TypeError(f"{'.'.join(path)}: only dense tensors can be checkpointed, got {t.layout}")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        view = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if ptr and view in self._views:  # the same tensor reached twice (e.g. tied weights)
+            return self._views[view]
+        name = self._name(path)
+        cpu = t.to("cpu").contiguous()
+        # safetensors refuses aliased storage, and a view must not drag its whole base buffer
+        # onto disk: a tensor sharing storage with one already stored, or covering only part of
+        # its storage, is stored as its own copy.
+        if ptr in self._storages or cpu.untyped_storage().nbytes() != cpu.numel() * cpu.element_size():
+            cpu = cpu.clone()
+        if ptr:
+            self._storages.add(ptr)
+            self._views[view] = name
+        self.tensors[name] = cpu
+        return name
+
+    def encode(self, obj: Any, path: list[str]) -> Any:
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, int) and not isinstance(obj, bool):
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}
+        if isinstance(obj, torch.Tensor):
+            return {"__tensor__": self.tensor(obj, path)}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype == object:
+                raise TypeError(f"{'.'.join(path)}: object arrays cannot be checkpointed without pickle")
+            try:
+                t = torch.from_numpy(np.ascontiguousarray(obj))
+            except TypeError as err:
+                raise TypeError(f"{'.'.join(path)}: numpy dtype {obj.dtype} cannot be checkpointed") from err
+            return {"__ndarray__": self.tensor(t, path)}
+        if isinstance(obj, np.generic):
+            return {"__npscalar__": obj.dtype.str, "value": self.encode(obj.item(), path)}
+        if isinstance(obj, torch.dtype):
+            return {"__dtype__": _dtype_name(obj)}
+        if isinstance(obj, torch.device):
+            return {"__device__": str(obj)}
+        if isinstance(obj, tuple):  # torch.Size and NamedTuples come back as plain tuples
+            return {"__tuple__": [self.encode(v, [*path, str(i)]) for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self.encode(v, [*path, str(i)]) for i, v in enumerate(obj)]
+        if isinstance(obj, dict):
+            items = [(k, self.encode(v, [*path, str(k)])) for k, v in obj.items()]
+            plain = all(isinstance(k, str) for k in obj) and not (len(obj) == 1 and next(iter(obj)) in _TAGS)
+            if plain:
+                return dict(items)
+            return {"__dict__": [[self.encode(k, [*path, "key"]), v] for k, v in items]}
+        raise TypeError(
+            f"{'.'.join(path) or 'state'}: cannot checkpoint a value of type {type(obj).__name__} "
+            "without pickle; give it state_dict()/load_state_dict() or convert it to plain values")
+
+
+def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split ``obj`` into a JSON-serialisable tree and a flat dict of contiguous CPU tensors.
+
+    Tensor names are the dotted path to the tensor, so a module's ``state_dict`` keeps its
+    own keys. A tensor reached twice (tied weights, shared optimizer entries) is stored once
+    and comes back as one tensor; a partial view of another stored tensor gets its own copy.
+    Dict key types (``int`` keys of optimizer state), tuples, non-finite floats, numpy
+    arrays and scalars survive the round trip.
+    """
+    enc = _Encoder()
+    tree = enc.encode(obj, [])
+    return tree, enc.tensors
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_state`; tensors come back on the CPU."""
+    if isinstance(tree, list):
+        return [decode_state(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if len(tree) == 1 or "__npscalar__" in tree:
+        key = next(iter(tree)) if "__npscalar__" not in tree else "__npscalar__"
+        val = tree[key]
+        if key == "__tensor__":
+            return tensors[val]
+        if key == "__ndarray__":
+            return tensors[val].numpy().copy()
+        if key == "__tuple__":
+            return tuple(decode_state(v, tensors) for v in val)
+        if key == "__dict__":
+            return {decode_state(k, tensors): decode_state(v, tensors) for k, v in val}
+        if key == "__float__":
+            return float(val)
+        if key == "__dtype__":
+            return _parse_dtype(val)
+        if key == "__device__":
+            return torch.device(val)
+        if key == "__npscalar__":
+            return np.dtype(val).type(decode_state(tree["value"], tensors))
+    return {k: decode_state(v, tensors) for k, v in tree.items()}
+
+
+
+def pack(obj: Any, **header: Any) -> bytes:
+    """Encode ``obj`` as one safetensors blob: its tensors, plus the JSON tree (and ``header``)
+    in the file's string metadata. Loadable by any safetensors reader; no pickle involved."""
+    tree, tensors = encode_state(obj)
+    raw = safetensors.torch.save(tensors)
+    n = int.from_bytes(raw[:8], "little")
+    # The metadata is inserted here rather than by safetensors, which writes its keys in hash
+    # order: the same state must give the same bytes (and sha256) in every process.
+    layout = {"__metadata__": {"format": "pt", _META_KEY: dumps_json({"tree": tree, **header}).decode()},
+              **json.loads(raw[8:8 + n])}
+    head = dumps_json(layout)
+    head += b" " * (-len(head) % 8)  # safetensors aligns the data section to 8 bytes
+    return b"".join((len(head).to_bytes(8, "little"), head, memoryview(raw)[8 + n:]))
+
+
+def unpack(data: bytes) -> tuple[Any, dict[str, Any]]:
+    """Inverse of :func:`pack`: returns ``(obj, header)``; tensors are fresh, writable CPU tensors.
+
+    Raises:
+        ValueError: when ``data`` is not a blob written by :func:`pack`.
+    """
+    if len(data) < 8:
+        raise ValueError(f"not a safetensors blob ({len(data)} bytes)")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("safetensors header runs past the end of the data")
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    if _META_KEY not in meta:
+        raise ValueError(f"safetensors blob has no {_META_KEY!r} metadata")
+    header = json.loads(meta[_META_KEY])
+    # clone: safetensors hands out views of the (read-only) input buffer
+    tensors = {k: v.clone() for k, v in safetensors.torch.load(data).items()}
+    return decode_state(header.pop("tree"), tensors), header
