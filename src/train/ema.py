@@ -1,0 +1,195 @@
+"""Exponential moving average of a model's weights, with timm ModelEmaV3's decay warmup.
+
+Schedule from timm ``ModelEmaV3(use_warmup=True)`` (after @crowsonkb):
+https://github.com/huggingface/pytorch-image-models/blob/main/timm/utils/model_ema.py
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["EMA"]
+
+logger = logging.getLogger(__name__)
+
+_BUFFER_POLICIES = ("copy", "average")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip ``torch.compile`` (``_orig_mod``) and data-parallel wrappers (``.module``).
+
+    A module counts as a data-parallel wrapper if it is a ``DistributedDataParallel`` /
+    ``DataParallel`` or, generically, if its only child is named ``module`` and it holds no
+    parameters or buffers of its own (so a user block that merely *has* a ``module`` attribute
+    next to other layers is not unwrapped). Wrappers may be nested in any order.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module):
+            is_dp = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+            only_child = ([n for n, _ in model.named_children()] == ["module"]
+                          and not any(True for _ in model.named_parameters(recurse=False))
+                          and not any(True for _ in model.named_buffers(recurse=False)))
+            if is_dp or only_child:
+                model = inner
+                continue
+        return model
+
+
+class EMA:
+    r"""Exponential moving average of a model's parameters (and, by policy, buffers).
+
+    .. math::
+        \theta_{ema} \leftarrow d_t\,\theta_{ema} + (1 - d_t)\,\theta, \qquad
+        d_t = \begin{cases} 0 & t \le 1 \\
+        \min\big(d,\ 1 - (1 + (t-1)/\gamma)^{-p}\big) & t > 1 \text{ (warmup)} \\
+        d & t > 1 \text{ (no warmup)} \end{cases}
+
+    where :math:`t` is the number of optimizer steps taken so far (1 after the first step), so the
+    first update copies the model. With :math:`\gamma = 1, p = 2/3` the decay reaches 0.999 after
+    about 31.6k steps. This is timm ``ModelEmaV3(use_warmup=True, update_after_step=0)``.
+
+    The averaged copy ``ema.module`` is a deep copy of the *unwrapped* model (``DDP(...).module``
+    and ``torch.compile(...)._orig_mod`` are stripped), in eval mode, with ``requires_grad=False``.
+    Build the EMA before attaching forward hooks (monitors): ``deepcopy`` copies hooks too.
+    Update it on every rank after every optimizer step that was really taken (not after a step
+    the grad scaler skipped); DDP keeps the parameters identical, so every rank's EMA agrees.
+
+    Entries are matched by position (``parameters()`` then ``buffers()`` order), so the model
+    passed to :meth:`update` may be wrapped differently from the one given here. All floating
+    tensors are updated with one ``torch._foreach_lerp_`` call; integer tensors (such as
+    ``num_batches_tracked``) are always copied.
+
+    Args:
+        model: the model to average (wrapped or not).
+        decay: the decay :math:`d` reached after warmup (or used throughout without warmup).
+        warmup: use the warmup schedule above; otherwise :math:`d` from step 2 on.
+        warmup_gamma: :math:`\gamma`, stretches the warmup.
+        warmup_power: :math:`p`, the warmup's power.
+        buffers: ``"copy"`` (BN running statistics follow the live model, like ``AveragedModel``)
+            or ``"average"`` (floating buffers are averaged too, like timm's default).
+
+    Shapes:
+        - every EMA tensor has the shape, dtype and device of the model's tensor.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, warmup_gamma: float = 1.0,
+                 warmup_power: float = 2 / 3, buffers: str = "copy") -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay: expected a value in [0, 1], got {decay}")
+        if warmup_gamma <= 0:
+            raise ValueError(f"warmup_gamma: expected > 0, got {warmup_gamma}")
+        if warmup_power <= 0:
+            raise ValueError(f"warmup_power: expected > 0, got {warmup_power}")
+        if buffers not in _BUFFER_POLICIES:
+            raise ValueError(f"buffers: expected one of {_BUFFER_POLICIES}, got {buffers!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.warmup_gamma = float(warmup_gamma)
+        self.warmup_power = float(warmup_power)
+        self.buffers = buffers
+        self.step: int | None = None  # last step passed to update(); None before the first
+        self.module = copy.deepcopy(_unwrap(model)).eval()
+        self.module.requires_grad_(False)
+        params = list(self.module.parameters())
+        bufs = list(self.module.buffers())
+        self._n_params, self._n_buffers = len(params), len(bufs)
+        # Split positions once: lerped (floating) vs copied; the live model is split the same way.
+        entries = params + bufs
+        self._lerp_idx = [i for i, t in enumerate(entries)
+                          if t.is_floating_point() and (i < len(params) or buffers == "average")]
+        lerp = set(self._lerp_idx)
+        self._copy_idx = [i for i in range(len(entries)) if i not in lerp]
+        self._ema_lerp = [entries[i] for i in self._lerp_idx]
+        self._ema_copy = [entries[i] for i in self._copy_idx]
+
+    def decay_at(self, step: int) -> float:
+        """The decay used by ``update(model, step)`` (0.0 means a plain copy)."""
+        if step <= 1:
+            return 0.0
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + (step - 1) / self.warmup_gamma) ** -self.warmup_power)
+
+    def _entries(self, model: nn.Module) -> list[torch.Tensor]:
+        model = _unwrap(model)
+        params = list(model.parameters())
+        bufs = list(model.buffers())
+        if len(params) != self._n_params or len(bufs) != self._n_buffers:
+            raise ValueError(f"model: expected {self._n_params} parameters and {self._n_buffers} buffers like "
+                             f"the averaged model, got {len(params)} and {len(bufs)}")
+        return params + bufs
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Move the average towards ``model`` (wrapped or not) after optimizer step ``step``.
+
+        Args:
+            model: the live model, same architecture as the one the EMA was built from.
+            step: optimizer steps taken so far, a Python int (1 after the first step).
+        """
+        if isinstance(step, torch.Tensor) or step < 0:
+            raise ValueError(f"step: expected a Python int >= 0, got {step!r}")
+        entries = self._entries(model)
+        d = self.decay_at(step)
+        if self._ema_lerp:
+            src = [entries[i].detach() for i in self._lerp_idx]
+            if d == 0.0:
+                torch._foreach_copy_(self._ema_lerp, src)
+            else:
+                torch._foreach_lerp_(self._ema_lerp, src, 1.0 - d)
+        if self._ema_copy:
+            torch._foreach_copy_(self._ema_copy, [entries[i].detach() for i in self._copy_idx])
+        self.step = int(step)
+
+    @torch.no_grad()
+    def set(self, model: nn.Module) -> None:
+        """Copy ``model``'s parameters and buffers into the average (a hard reset)."""
+        entries = self._entries(model)
+        torch._foreach_copy_(self._ema_lerp + self._ema_copy,
+                             [entries[i].detach() for i in self._lerp_idx + self._copy_idx])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Averaged weights under ``"module"`` (name -> tensor) plus JSON-able settings and ``step``."""
+        return {
+            "module": self.module.state_dict(),
+            "step": self.step,
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "warmup_gamma": self.warmup_gamma,
+            "warmup_power": self.warmup_power,
+            "buffers": self.buffers,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the averaged weights and ``step``; the schedule settings stay the constructor's.
+
+        A saved setting that differs from the constructor's is logged as a warning (a resumed run
+        with a different decay is legal but usually a mistake).
+        """
+        if "module" not in state_dict:
+            raise ValueError(f"state_dict: expected a 'module' entry, got keys {sorted(state_dict)}")
+        self.module.load_state_dict(state_dict["module"])
+        step = state_dict.get("step")
+        self.step = None if step is None else int(step)
+        for key in ("decay", "warmup", "warmup_gamma", "warmup_power", "buffers"):
+            if key in state_dict and state_dict[key] != getattr(self, key):
+                logger.warning("EMA.load_state_dict: saved %s=%r differs from this EMA's %r; keeping %r",
+                               key, state_dict[key], getattr(self, key), getattr(self, key))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"EMA(decay={self.decay}, warmup={self.warmup}, warmup_gamma={self.warmup_gamma}, "
+                f"warmup_power={self.warmup_power:.4g}, buffers={self.buffers!r}, step={self.step})")
