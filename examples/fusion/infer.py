@@ -1,0 +1,353 @@
+"""FusionNet inference, measured on held-out test trajectories against model-free baselines.
+
+Two settings, per zone pattern (the seed's greedy inference reported zero reductions because it
+started from the initial paths, which are local minima for single ops):
+
+1. **Mid-trajectory states** (the state before each effective op of a test trajectory, with its
+   true history; an improving op exists). Greedy model-guided search (``search.greedy_search``
+   with the seed's per-hypothesis candidates, adaptive give-up, history seeding and stochastic
+   exploration) against the same greedy loop checking ops in uniformly random order, with the
+   same try budget (each op check is one try; the random search gets exactly the tries the model
+   search used). Reported: mean crossing reduction, fraction improved, tries to the first
+   improvement; for reference the brute-force greedy (which reads every op's delta) and what the
+   teacher's trajectory still gained from that state.
+2. **Initial paths.** Annealing with the teacher's schedule and Metropolis acceptance, proposals
+   weighted by the model (``search.anneal(guide="model")``) against uniform proposals (the
+   teacher itself) at the same op budget (the record's ``iters`` proposals). Reported: mean best
+   reduction, fraction improved, fraction reaching the teacher record's result and the proposals
+   needed to get there.
+
+Every random choice comes from ``numpy.random.SeedSequence([seed, ...])``: same seed, same table.
+
+    python examples/fusion/infer.py --checkpoint runs/fusion/checkpoints --data runs/fusion/data
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `fusion` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fusion.encoding import encode, legal_anchor_mask, state_channels
+from fusion.env import FusionEnv
+from fusion.search import History, ScoreRequest, Scores, anneal, drive, greedy_search
+from fusion.teacher import env_from_record, replay_steps
+
+__all__ = ["Start", "format_table", "load_test_records", "mid_trajectory_starts", "model_scorer", "run_evaluation"]
+
+log = logging.getLogger(__name__)
+
+
+def model_scorer(model: torch.nn.Module, *, device: str | torch.device = "cpu",
+                 max_batch: int = 32) -> Callable[[list[ScoreRequest]], list[Scores]]:
+    """A scoring function for ``search.drive``: requests are grouped by grid shape (no padding, as
+    in training) and run through ``model`` in batches of at most ``max_batch``. Position
+    probabilities are each hypothesis' softmax over the legal anchors (``encoding.legal_anchor_mask``)."""
+
+    @torch.inference_mode()
+    def score(requests: list[ScoreRequest]) -> list[Scores]:
+        out: list[Scores | None] = [None] * len(requests)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[r.env.zones.shape].append(i)
+        for idx in groups.values():
+            for lo in range(0, len(idx), max_batch):
+                chunk = [requests[i] for i in idx[lo:lo + max_batch]]
+                state = torch.from_numpy(np.stack([state_channels(r.env.zones, r.env.H, r.env.V) for r in chunk]))
+                state = state.to(device)
+                initial = torch.tensor([r.initial_crossings for r in chunk], device=device)
+                history = torch.from_numpy(np.stack([r.history.array() for r in chunk])).to(device)
+                length = torch.tensor([len(r.history) for r in chunk], dtype=torch.long, device=device)
+                masked = legal_anchor_mask(state)
+                pred = model(encode(state, initial), history, length, initial)
+                logits = pred.position.float().masked_fill(masked[:, None], -1e9)
+                pos = logits.flatten(2).softmax(-1).view_as(logits) * (~masked)[:, None]
+                act = pred.action.float().softmax(1)
+                pos, act = pos.cpu().numpy(), act.cpu().numpy()
+                for j, i in enumerate(idx[lo:lo + max_batch]):
+                    out[i] = Scores(pos[j], act[j])
+        return out  # type: ignore[return-value]
+
+    return score
+
+
+# -- data ---------------------------------------------------------------------------------------
+def load_test_records(data_dir: str | Path) -> list[dict]:
+    """The test split's teacher records (``DIR/splits.json`` run ids, ``DIR/trajectories.jsonl``)."""
+    data_dir = Path(data_dir)
+    splits = json.loads((data_dir / "splits.json").read_text())
+    test = set(splits.get("test", []))
+    if not test:
+        raise ValueError(f"data_dir: {data_dir / 'splits.json'} has no test run ids")
+    with (data_dir / "trajectories.jsonl").open() as f:
+        records = [rec for rec in map(json.loads, filter(str.strip, f)) if rec["run_id"] in test]
+    missing = test - {rec["run_id"] for rec in records}
+    if missing:
+        raise ValueError(f"data_dir: {len(missing)} test run ids not in trajectories.jsonl, e.g. {sorted(missing)[0]}")
+    return records
+
+
+class Start(NamedTuple):
+    """A mid-trajectory state: the one before ``record``'s op ``index``, an effective op."""
+
+    record: dict
+    index: int
+    H: np.ndarray
+    V: np.ndarray
+    crossings: int
+    history: History  # the trajectory's previous effective ops
+
+    def env(self) -> FusionEnv:
+        rec = self.record
+        zones = np.asarray(rec["zone_grid"], dtype=np.int64).reshape(rec["grid_H"], rec["grid_W"])
+        return FusionEnv(zones, self.H, self.V, zone_pattern=rec["zone_pattern"], init_pattern=rec["init_pattern"],
+                         check=False)
+
+
+def mid_trajectory_starts(record: dict) -> list[Start]:
+    """The state before every effective op of ``record`` (replayed exactly), with its history."""
+    starts, history = [], History()
+    for step in replay_steps(record):
+        if step.crossings_after < step.crossings_before:
+            starts.append(Start(record, step.index, step.H, step.V, step.crossings_before, history.copy()))
+            history.push(step.op, step.crossings_before, step.crossings_after)
+    return starts
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+def _pick(items: Sequence, n: int, rng: np.random.Generator) -> list:
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in sorted(rng.choice(len(items), size=n, replace=False))]
+
+
+# -- the two settings --------------------------------------------------------------------------
+def _brute_force_greedy(env: FusionEnv) -> int:
+    # reference only: reads every applicable op's delta and takes the best until none improves
+    start = env.crossings
+    while True:
+        cand = env.candidates()
+        if cand.size == 0 or cand.delta.min() >= 0:
+            return start - env.crossings
+        env.apply(cand.op(int(np.argmin(cand.delta))))
+
+
+def _greedy_setting(starts: list[Start], score, seed: int) -> list[dict]:
+    model_runs = drive([greedy_search(s.env(), history=s.history.copy(), rng=_rng(seed, 1, i), guide="model",
+                                      initial_crossings=s.record["initial_crossings"])
+                        for i, s in enumerate(starts)], score)
+    # the same number of op checks as the model search used on the same start, no other limit
+    random_runs = drive([greedy_search(s.env(), history=s.history.copy(), rng=_rng(seed, 2, i), guide="random",
+                                       initial_crossings=s.record["initial_crossings"], max_tries=m.tries,
+                                       max_failures=math.inf, max_steps=math.inf, seed=False)
+                         for i, (s, m) in enumerate(zip(starts, model_runs, strict=True))])
+    return [{"pattern": s.record["zone_pattern"], "start": s.crossings,
+             "model": m._asdict(), "random": r._asdict(), "oracle": _brute_force_greedy(s.env()),
+             "teacher_rest": s.crossings - s.record["final_crossings"]}
+            for s, m, r in zip(starts, model_runs, random_runs, strict=True)]
+
+
+def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, model_every: int) -> list[dict]:
+    def runs(guide: str, key: int):
+        return [anneal(env_from_record(rec), iters=iters or rec["iters"], t_max=rec["t_max"], t_min=rec["t_min"],
+                       rng=_rng(seed, key, i), guide=guide, initial_crossings=rec["initial_crossings"],
+                       model_every=model_every, target=rec["final_crossings"]) for i, rec in enumerate(records)]
+    model_runs = drive(runs("model", 3), score)
+    uniform_runs = drive(runs("uniform", 4))
+    return [{"pattern": rec["zone_pattern"], "initial": rec["initial_crossings"], "budget": m.iters,
+             "teacher": rec["initial_crossings"] - rec["final_crossings"], "model": m._asdict(), "uniform": u._asdict()}
+            for rec, m, u in zip(records, model_runs, uniform_runs, strict=True)]
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _greedy_row(items: list[dict]) -> dict[str, Any]:
+    row: dict[str, Any] = {"n": len(items), "start_crossings": _mean([it["start"] for it in items])}
+    for name in ("model", "random"):
+        runs = [it[name] for it in items]
+        reductions = [r["initial"] - r["final"] for r in runs]
+        row[f"{name}_mean_reduction"] = _mean(reductions)
+        row[f"{name}_improved_fraction"] = _mean([float(d > 0) for d in reductions])
+        row[f"{name}_mean_tries"] = _mean([r["tries"] for r in runs])
+        firsts = [r["first_improvement"] for r in runs if r["first_improvement"] is not None]
+        row[f"{name}_tries_to_first"] = _mean(firsts)
+    row["model_seeded_ops"] = _mean([it["model"]["seeded"] for it in items])
+    row["oracle_mean_reduction"] = _mean([it["oracle"] for it in items])
+    row["teacher_rest_mean_reduction"] = _mean([it["teacher_rest"] for it in items])
+    return row
+
+
+def _anneal_row(items: list[dict]) -> dict[str, Any]:
+    row: dict[str, Any] = {"n": len(items), "initial_crossings": _mean([it["initial"] for it in items]),
+                           "budget": _mean([it["budget"] for it in items]),
+                           "teacher_mean_reduction": _mean([it["teacher"] for it in items])}
+    for name in ("model", "uniform"):
+        runs = [it[name] for it in items]
+        reductions = [r["initial"] - r["best"] for r in runs]
+        row[f"{name}_mean_reduction"] = _mean(reductions)
+        row[f"{name}_improved_fraction"] = _mean([float(d > 0) for d in reductions])
+        row[f"{name}_reached_teacher_fraction"] = _mean([float(r["reached_at"] is not None) for r in runs])
+        row[f"{name}_ops_to_teacher"] = _mean([r["reached_at"] for r in runs if r["reached_at"] is not None])
+    return row
+
+
+def _rows(items: list[dict], row_fn) -> dict[str, dict]:
+    by_pattern: dict[str, list[dict]] = defaultdict(list)
+    for it in items:
+        by_pattern[it["pattern"]].append(it)
+    rows = {p: row_fn(v) for p, v in sorted(by_pattern.items())}
+    rows["overall"] = row_fn(items)
+    return rows
+
+
+def run_evaluation(model: torch.nn.Module, data_dir: str | Path, *, n_per_pattern: int | None = 16, seed: int = 0,
+                   device: str | torch.device = "cpu", smoke: bool = False, anneal_per_pattern: int | None = None,
+                   anneal_iters: int | None = None, model_every: int = 50, max_batch: int = 32) -> dict[str, Any]:
+    """Both settings on the test split of ``data_dir``; a JSON-able dict (see ``format_table``).
+
+    Args:
+        model: a FusionNet (already on ``device``); run in eval mode, its training flag restored.
+        n_per_pattern: setting 1 start states per zone pattern (None = 16), drawn with ``seed``
+            from the effective ops of all test trajectories of that pattern.
+        anneal_per_pattern: setting 2 test trajectories per zone pattern (None = ``n_per_pattern // 2``, >= 1).
+        anneal_iters: setting 2 op budget (None = each record's own ``iters``).
+        model_every: annealing proposals between model calls (when the state changed).
+        smoke: at most 2 starts and 1 trajectory per pattern, 150 annealing proposals.
+
+    Returns:
+        ``{"setting1": {pattern | "overall": row}, "setting2": {...}, "overall": setting 1's overall
+        row, "seed", "n_test_trajectories", "runtime_s", "descriptions"}``; rows hold
+        ``model_*``/``random_*`` (setting 1) or ``model_*``/``uniform_*`` (setting 2) means;
+        ``*_fraction`` values are in ``[0, 1]``, a mean over no items is ``None``.
+    """
+    started = time.perf_counter()
+    n_per_pattern = 16 if n_per_pattern is None else n_per_pattern
+    anneal_n = max(1, n_per_pattern // 2) if anneal_per_pattern is None else anneal_per_pattern
+    if smoke:
+        n_per_pattern, anneal_n, anneal_iters = min(n_per_pattern, 2), min(anneal_n, 1), min(anneal_iters or 150, 150)
+    records = load_test_records(data_dir)
+    by_pattern: dict[str, list[dict]] = defaultdict(list)
+    for rec in records:
+        by_pattern[rec["zone_pattern"]].append(rec)
+    starts, anneal_records = [], []
+    for k, pattern in enumerate(sorted(by_pattern)):
+        recs = by_pattern[pattern]
+        pool = [s for rec in recs for s in mid_trajectory_starts(rec)]
+        starts += _pick(pool, n_per_pattern, _rng(seed, 0, k, 0))
+        anneal_records += _pick(recs, anneal_n, _rng(seed, 0, k, 1))
+    was_training = model.training
+    model.eval()
+    try:
+        score = model_scorer(model, device=device, max_batch=max_batch)
+        greedy = _greedy_setting(starts, score, seed)
+        annealed = _anneal_setting(anneal_records, score, seed, anneal_iters, model_every)
+    finally:
+        model.train(was_training)
+    setting1, setting2 = _rows(greedy, _greedy_row), _rows(annealed, _anneal_row)
+    return {
+        "seed": seed, "smoke": smoke, "n_test_trajectories": len(records),
+        "setting1": setting1, "setting2": setting2, "overall": setting1["overall"],
+        "runtime_s": round(time.perf_counter() - started, 2),
+        "descriptions": {
+            "setting1": "greedy from mid-trajectory states (an improving op exists): model-ranked vs random "
+                        "order, same number of op checks; oracle = brute-force greedy over all deltas",
+            "setting2": "annealing from the initial paths (local minima), teacher schedule: model-weighted vs "
+                        "uniform proposals (the teacher), same proposal budget; teacher = the record's result",
+        },
+    }
+
+
+# -- report ------------------------------------------------------------------------------------
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    return {"pct": f"{100 * value:.0f}%", "f1": f"{value:.1f}", "f2": f"{value:.2f}", "int": f"{value:.0f}"}[kind]
+
+
+def _table(title: str, rows: dict[str, dict], columns: list[tuple[str, str, str]]) -> str:
+    header = ["pattern"] + [c[0] for c in columns]
+    body = [[name] + [_fmt(row.get(key), kind) for _, key, kind in columns] for name, row in rows.items()]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    rule = "-" * len(line(header))
+    return "\n".join([title, rule, line(header), rule, *map(line, body[:-1]), rule, line(body[-1])])
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """One text table per setting: rows = zone patterns + overall."""
+    t1 = _table("Setting 1: greedy from mid-trajectory states, model vs random order at the same try budget",
+                results["setting1"], [
+                    ("n", "n", "int"), ("start", "start_crossings", "f1"),
+                    ("red model", "model_mean_reduction", "f2"), ("red random", "random_mean_reduction", "f2"),
+                    ("impr model", "model_improved_fraction", "pct"),
+                    ("impr random", "random_improved_fraction", "pct"),
+                    ("1st model", "model_tries_to_first", "f1"), ("1st random", "random_tries_to_first", "f1"),
+                    ("tries", "model_mean_tries", "f1"), ("red oracle", "oracle_mean_reduction", "f2"),
+                    ("red teacher", "teacher_rest_mean_reduction", "f2")])
+    t2 = _table("Setting 2: annealing from the initial paths, model-weighted vs uniform proposals (teacher)",
+                results["setting2"], [
+                    ("n", "n", "int"), ("initial", "initial_crossings", "f1"), ("budget", "budget", "int"),
+                    ("red model", "model_mean_reduction", "f2"), ("red uniform", "uniform_mean_reduction", "f2"),
+                    ("impr model", "model_improved_fraction", "pct"),
+                    ("impr uniform", "uniform_improved_fraction", "pct"),
+                    ("reach model", "model_reached_teacher_fraction", "pct"),
+                    ("reach uniform", "uniform_reached_teacher_fraction", "pct"),
+                    ("ops model", "model_ops_to_teacher", "int"), ("ops uniform", "uniform_ops_to_teacher", "int"),
+                    ("red teacher", "teacher_mean_reduction", "f2")])
+    notes = ("red = mean crossing reduction; impr = share of grids improved; 1st = mean tries to the first "
+             "improvement (improved grids only); tries = op checks per grid (both searches); reach = share "
+             "reaching the teacher record's result, ops = proposals needed (those that reached it)")
+    return f"{t1}\n\n{t2}\n{notes}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from blockyard.train import CheckpointManager
+    from fusion.model import FusionNet
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a CheckpointManager directory (its best) or one step_* checkpoint in it")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--n-per-pattern", type=int, default=16)
+    parser.add_argument("--anneal-iters", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    folder = args.checkpoint.parent if (args.checkpoint / "manifest.json").exists() else args.checkpoint
+    config_file = folder / "config.json"  # written by fusion_ddp.py next to its checkpoints
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    net = FusionNet(**{k: tuple(v) if k == "widths" else v for k, v in config.items()}).to(args.device)
+    manager = CheckpointManager(folder, rng=False, is_main=True)
+    loaded = manager.load(args.checkpoint, {"model": net}) if folder != args.checkpoint \
+        else manager.load_best({"model": net})
+    if loaded is None:
+        raise FileNotFoundError(f"--checkpoint: no checkpoint in {args.checkpoint}")
+    results = run_evaluation(net, args.data, n_per_pattern=args.n_per_pattern, seed=args.seed, device=args.device,
+                             smoke=args.smoke, anneal_iters=args.anneal_iters)
+    print(f"checkpoint {loaded.get('path', args.checkpoint)}\n{format_table(results)}")
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
