@@ -13,6 +13,20 @@ from torch import nn
 __all__ = ["SpectralConv2d"]
 
 
+def _complex_mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``einsum("bixy,ioxy->boxy")`` of complex ``x`` and real-stored ``weight (..., 2)`` as ONE real
+    batched matmul per mode, ``[x_r, x_i] @ [[w_r, w_i], [-w_i, w_r]]``: torch's complex einsum on
+    the CPU falls back to a per-batch loop of copies that costs more than the FFTs."""
+    batch, cin, rows, cols = x.shape
+    cout = weight.shape[1]
+    modes = rows * cols
+    xr = torch.view_as_real(x).permute(2, 3, 0, 4, 1).reshape(modes, batch, 2 * cin)
+    wr, wi = (weight[..., k].permute(2, 3, 0, 1).reshape(modes, cin, cout) for k in (0, 1))
+    block = torch.cat([torch.cat([wr, wi], dim=2), torch.cat([-wi, wr], dim=2)], dim=1)
+    y = torch.bmm(xr, block).view(rows, cols, batch, 2, cout)
+    return torch.view_as_complex(y.permute(2, 4, 0, 1, 3).contiguous())
+
+
 def _pair(modes: int | tuple[int, int]) -> tuple[int, int]:
     m = (modes, modes) if isinstance(modes, int) else tuple(modes)
     if len(m) != 2 or any(not isinstance(v, int) or v < 1 for v in m):
@@ -86,15 +100,18 @@ class SpectralConv2d(nn.Module):
             raise ValueError(f"x: expected H >= 2 to keep any vertical mode, got {tuple(x.shape)}")
         full = self.modes[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = torch.fft.rfft2(x.float(), norm="forward")
-            w = torch.view_as_complex(self.weight.float())
-            rows_x = torch.cat([xf[:, :, :m1, :m2], xf[:, :, height - m1:, :m2]], dim=2)
-            rows_w = torch.cat([w[:, :, :m1, :m2], w[:, :, 2 * full - m1:, :m2]], dim=2)
-            mixed = torch.einsum("bixy,ioxy->boxy", rows_x, rows_w)
-            out = xf.new_zeros(x.shape[0], self.out_channels, height, width // 2 + 1)
-            out[:, :, :m1, :m2] = mixed[:, :, :m1]
-            out[:, :, height - m1:, :m2] = mixed[:, :, m1:]
-            y = torch.fft.irfft2(out, s=(height, width), norm="forward")
+            # rfft2 / irfft2 split by axis, so only the m2 kept columns are transformed along H
+            # and the inverse never materialises the full zero-filled spectrum.
+            xf = torch.fft.rfft(x.float(), dim=-1, norm="forward")[..., :m2]
+            xf = torch.fft.fft(xf, dim=-2, norm="forward")
+            kept = torch.cat([xf[:, :, :m1], xf[:, :, height - m1:]], dim=2)
+            w = self.weight.float()
+            w = torch.cat([w[:, :, :m1, :m2], w[:, :, 2 * full - m1:, :m2]], dim=2)
+            mixed = _complex_mix(kept, w)  # (B, out, 2 * m1, m2)
+            gap = mixed.new_zeros(x.shape[0], self.out_channels, height - 2 * m1, m2)
+            spectrum = torch.cat([mixed[:, :, :m1], gap, mixed[:, :, m1:]], dim=2)
+            spectrum = torch.fft.ifft(spectrum, dim=-2, norm="forward")
+            y = torch.fft.irfft(spectrum, n=width, dim=-1, norm="forward")
             if self.bias is not None:
                 y = y + self.bias.float()[:, None, None]
         return y.to(x.dtype)
