@@ -102,7 +102,7 @@ class SpectralConv2d(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             # rfft2 / irfft2 split by axis, so only the m2 kept columns are transformed along H
             # and the inverse never materialises the full zero-filled spectrum.
-            xf = torch.fft.rfft(x.float(), dim=-1, norm="forward")[..., :m2]
+            xf = torch.fft.rfft(x.float(), dim=-1, norm="forward")[..., :m2].contiguous()
             xf = torch.fft.fft(xf, dim=-2, norm="forward")
             kept = torch.cat([xf[:, :, :m1], xf[:, :, height - m1:]], dim=2)
             w = self.weight.float()
