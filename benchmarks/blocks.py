@@ -1,0 +1,133 @@
+"""Training-step speed of the blockyard U-Net under float32, bfloat16 autocast, channels_last and
+torch.compile, next to this machine's matmul throughput (the ceiling) measured in the same run.
+
+    python benchmarks/blocks.py                 # UNet(9, 32, widths=(48, 96, 192, 192), cond_dim=192,
+                                                #      attention=True), batch 8 at 128 x 128
+    python benchmarks/blocks.py --quick         # batch 2 at 64 x 64, 3 steps, no compile
+
+One step = zero grads, forward (under autocast where named), ``out.float().square().mean()``,
+backward; no optimizer. Variants run round-robin (one step of each in turn) so that load from
+other processes on a shared machine hits all of them alike. The table reports the median and the
+best (min) time and GFLOP/s for both: on a busy machine the best step is the closer estimate of
+the uncontended speed, and "% ceiling" compares the best step with the best matmul. FLOPs
+are counted once on the float32 eager step with ``torch.utils.flop_counter.FlopCounterMode``
+(convolutions, matmuls, attention; elementwise ops count zero), so GFLOP/s is comparable across
+variants. The ceiling is a square matmul of the same dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from blockyard.blocks import UNet
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=128, help="input height and width")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every variant each)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compilation happens here)")
+    p.add_argument("--quick", action="store_true", help="batch 2, 64 x 64, 3 steps, eager variants only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.quick:
+        args.batch, args.size, args.steps, args.no_compile = 2, 64, 3, True
+    return args
+
+
+def build_model() -> UNet:
+    return UNet(9, 32, widths=(48, 96, 192, 192), cond_dim=192, attention=True)
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, cond: torch.Tensor,
+              bf16: bool) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, cond)
+        out.float().square().mean().backward()
+    return step
+
+
+def make_matmul(dtype: torch.dtype, n: int = 2048) -> tuple[Callable[[], None], float]:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return (lambda: a @ b), 2.0 * n**3
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    base = build_model()
+    x = torch.randn(args.batch, 9, args.size, args.size)
+    cond = torch.randn(args.batch, 192)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def clone(channels_last: bool) -> torch.nn.Module:
+        m = copy.deepcopy(base)
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+
+    # name -> (step, flops per call, matmul dtype of its ceiling)
+    variants: dict[str, tuple[Callable[[], None], float | None, torch.dtype]] = {
+        "fp32": (make_step(clone(False), x, cond, False), None, torch.float32),
+        "fp32 + channels_last": (make_step(clone(True), x_cl, cond, False), None, torch.float32),
+        "bf16 autocast": (make_step(clone(False), x, cond, True), None, torch.bfloat16),
+        "bf16 + channels_last": (make_step(clone(True), x_cl, cond, True), None, torch.bfloat16),
+    }
+    if not args.no_compile:
+        variants["compiled fp32 + channels_last"] = (
+            make_step(torch.compile(clone(True), fullgraph=True), x_cl, cond, False), None, torch.float32)
+        variants["compiled bf16 + channels_last"] = (
+            make_step(torch.compile(clone(True), fullgraph=True), x_cl, cond, True), None, torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        fn, flops = make_matmul(dtype, 1024 if args.quick else 2048)
+        variants[f"matmul {str(dtype).removeprefix('torch.')} (ceiling)"] = (fn, flops, dtype)
+
+    with FlopCounterMode(display=False) as counter:
+        make_step(clone(False), x, cond, False)()
+    step_flops = counter.get_total_flops()
+
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rnd in range(args.warmup + args.steps):
+        for name, (fn, _, _) in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if rnd == 0:
+                first[name] = dt
+            if rnd >= args.warmup:
+                times[name].append(dt)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    best = {name: min(ts) for name, ts in times.items()}
+    ceiling = {dt: (variants[n][1] or step_flops) / best[n] / 1e9
+               for n, (_, _, dt) in variants.items() if n.startswith("matmul")}
+    print(f"UNet(9, 32, widths=(48, 96, 192, 192), cond_dim=192, attention=True): batch {args.batch}, "
+          f"{args.size}x{args.size}, {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params, "
+          f"{step_flops / 1e9:.1f} GFLOP per forward+backward; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {args.steps} round-robin rounds")
+    head = f"| {'variant':32s} | {'median ms':>9s} | {'best ms':>8s} | {'1st call ms':>11s} | " \
+           f"{'GFLOP/s med':>11s} | {'GFLOP/s best':>12s} | {'% ceiling':>9s} | {'vs fp32 (best)':>14s} |"
+    print(head)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    for name, (_, flops, dtype) in variants.items():
+        gf_med, gf_best = ((flops or step_flops) / t / 1e9 for t in (med[name], best[name]))
+        speed = "" if flops else f"{best['fp32'] / best[name]:.2f}x"
+        pct = f"{100 * gf_best / ceiling[dtype]:.0f}%"
+        print(f"| {name:32s} | {1e3 * med[name]:9.1f} | {1e3 * best[name]:8.1f} | {1e3 * first[name]:11.0f} | "
+              f"{gf_med:11.1f} | {gf_best:12.1f} | {pct:>9s} | {speed:>14s} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""GroupNorm U-Net with optional FiLM, cross-attention and bottleneck self-attention.
+
+Ronneberger et al., "U-Net: Convolutional Networks for Biomedical Image Segmentation", MICCAI 2015.
+https://arxiv.org/abs/1505.04597. Levels follow the seed's FusionNet (1x1 projection, GroupNorm,
+activation, residual block, FiLM after the level); cross-attention follows diffusers'
+``UNet2DConditionModel`` (pre-norm, residual, at the lowest resolutions).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import BottleneckAttention, CrossAttention
+from .film import FiLM
+from .norm import group_norm
+from .resblock import ResBlock
+
+__all__ = ["DecoderLevel", "EncoderLevel", "UNet"]
+
+
+def _check_cond(cond: torch.Tensor | None, cond_dim: int | None, batch: int) -> None:
+    if cond_dim is None:
+        if cond is not None:
+            raise ValueError("cond: this module was built with cond_dim=None; pass cond_dim to use cond")
+    elif cond is None:
+        raise ValueError(f"cond: expected ({batch}, {cond_dim}) since cond_dim={cond_dim}, got None")
+    elif cond.dim() != 2 or cond.shape != (batch, cond_dim):
+        raise ValueError(f"cond: expected ({batch}, {cond_dim}), got {tuple(cond.shape)}")
+
+
+def _check_context(context: torch.Tensor | None, context_dim: int | None, batch: int) -> None:
+    if context_dim is None:
+        if context is not None:
+            raise ValueError("context: this module was built with context_dim=None; "
+                             "pass context_dim to use context")
+    elif context is None:
+        raise ValueError(f"context: expected ({batch}, L, {context_dim}) since context_dim={context_dim}, "
+                         "got None")
+    elif context.dim() != 3 or context.shape[0] != batch or context.shape[2] != context_dim \
+            or context.shape[1] < 1:
+        raise ValueError(f"context: expected ({batch}, L, {context_dim}), got {tuple(context.shape)}")
+
+
+class _MapCrossAttention(nn.Module):
+    """Pre-norm residual cross-attention of a feature map's positions to a context sequence.
+
+    ``x + CrossAttention(LayerNorm(tokens(x)), context)`` with the output projection zero-initialised,
+    so it is the identity at init. For a channels-last ``x`` the token view is free (no copy).
+    """
+
+    def __init__(self, channels: int, context_dim: int, heads: int, device=None, dtype=None) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"heads: expected a divisor of the level width {channels}, got {heads}")
+        self.norm = nn.LayerNorm(channels, device=device, dtype=dtype)
+        self.attn = CrossAttention(channels, context_dim, heads=heads, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.attn.proj.weight)
+        if self.attn.proj.bias is not None:
+            nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        out = self.attn(self.norm(tokens), context, context_mask)
+        return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class _Stem(nn.Sequential):
+    """1x1 conv (no bias) -> norm -> act: FusionNet's channel projection at the start of a level."""
+
+    def __init__(self, in_channels: int, out_channels: int, act_layer, norm_layer, dd) -> None:
+        super().__init__(nn.Conv2d(in_channels, out_channels, 1, bias=False, **dd),
+                         norm_layer(out_channels, **dd), act_layer())
+
+
+class _Level(nn.Module):
+    """What every level ends with: residual block, then FiLM(cond), then cross-attention(context)."""
+
+    def _init_tail(self, channels: int, cond_dim: int | None, context_dim: int | None, heads: int,
+                   act_layer, norm_layer, dd, film_bias: bool = True) -> None:
+        self.cond_dim = cond_dim
+        self.context_dim = context_dim
+        self.block = ResBlock(channels, act_layer=act_layer, norm_layer=norm_layer, **dd)
+        self.film = FiLM(cond_dim, channels, bias=film_bias, **dd) if cond_dim is not None else None
+        self.cross_attn = (_MapCrossAttention(channels, context_dim, heads, **dd)
+                           if context_dim is not None else None)
+
+    def _tail(self, h: torch.Tensor, cond: torch.Tensor | None, context: torch.Tensor | None,
+              context_mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.block(h)
+        if self.film is not None:
+            h = self.film(h, cond)
+        if self.cross_attn is not None:
+            h = self.cross_attn(h, context, context_mask)
+        return h
+
+
+class EncoderLevel(_Level):
+    r"""One encoder level: optional 2x2 max-pool, 1x1 projection, residual block, FiLM, cross-attention.
+
+    .. math::
+        y = \mathrm{XAttn}\big(\mathrm{FiLM}(\mathrm{Res}(\sigma(N(W_{1\times1} * \mathrm{pool}(x)))), c),
+        \text{ctx}\big)
+
+    FiLM (when ``cond_dim`` is set) and cross-attention (when ``context_dim`` is set) both start as
+    the identity.
+
+    Args:
+        in_channels: input channels ``C_in``.
+        out_channels: output channels ``C_out``.
+        downsample: halve H and W with a 2x2 max-pool first (H and W must then be even).
+        cond_dim: size of the FiLM conditioning vector, or ``None`` for no FiLM.
+        film_bias: give FiLM a bias; ``False`` keeps a zero ``cond`` the identity throughout training.
+        context_dim: feature size of the cross-attention context, or ``None`` for none.
+        heads: cross-attention heads (must divide ``C_out``).
+        act_layer, norm_layer: as in :class:`~blockyard.blocks.ResBlock`.
+
+    Shapes:
+        - x: ``(B, C_in, H, W)``; cond: ``(B, cond_dim)``; context: ``(B, L, context_dim)``
+        - context_mask: optional ``(B, L)`` bool, True = that context token is NOT attended
+        - output: ``(B, C_out, H // 2, W // 2)`` if ``downsample`` else ``(B, C_out, H, W)``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, downsample: bool = True,
+                 cond_dim: int | None = None, context_dim: int | None = None, heads: int = 4,
+                 film_bias: bool = True,
+                 act_layer: Callable[[], nn.Module] = nn.SiLU,
+                 norm_layer: Callable[..., nn.Module] = group_norm, device=None, dtype=None) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels, self.downsample = in_channels, out_channels, downsample
+        self.pool = nn.MaxPool2d(2) if downsample else nn.Identity()
+        self.stem = _Stem(in_channels, out_channels, act_layer, norm_layer, dd)
+        self._init_tail(out_channels, cond_dim, context_dim, heads, act_layer, norm_layer, dd, film_bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if self.downsample and (x.shape[2] % 2 or x.shape[3] % 2):
+            raise ValueError(f"x: expected even H and W to downsample, got {tuple(x.shape)}")
+        _check_cond(cond, self.cond_dim, x.shape[0])
+        _check_context(context, self.context_dim, x.shape[0])
+        return self._tail(self.stem(self.pool(x)), cond, context, context_mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, downsample={self.downsample}"
+
+
+class DecoderLevel(_Level):
+    r"""One decoder level: 2x upsample, merge the skip, residual block, FiLM, cross-attention.
+
+    .. math::
+        h = \sigma(N(W_{1\times1} * [\mathrm{up}(x), s])), \qquad
+        y = \mathrm{XAttn}(\mathrm{FiLM}(\mathrm{Res}(h), c), \text{ctx})
+
+    The 1x1 convolution of the concatenation is computed as ``up(W_x * x) + W_s * s``: equal
+    because a bias-free 1x1 convolution commutes with (bilinear or nearest) upsampling, and cheaper
+    because ``W_x`` runs at the low resolution and no concatenated map is materialised.
+
+    Args:
+        in_channels: channels ``C_in`` of the coarser input ``x``.
+        skip_channels: channels ``C_s`` of the skip connection.
+        out_channels: output channels ``C_out``.
+        cond_dim, context_dim, heads, act_layer, norm_layer: as in :class:`EncoderLevel`.
+        upsample_mode: ``F.interpolate`` mode; ``"bilinear"`` uses ``align_corners=True`` as FusionNet.
+
+    Shapes:
+        - x: ``(B, C_in, h, w)``; skip: ``(B, C_s, H, W)`` with ``H = 2h, W = 2w``
+        - cond: ``(B, cond_dim)``; context: ``(B, L, context_dim)``; context_mask: as in :class:`EncoderLevel`
+        - output: ``(B, C_out, H, W)``
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int,
+                 cond_dim: int | None = None, context_dim: int | None = None, heads: int = 4,
+                 film_bias: bool = True,
+                 act_layer: Callable[[], nn.Module] = nn.SiLU,
+                 norm_layer: Callable[..., nn.Module] = group_norm, upsample_mode: str = "bilinear",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.in_channels, self.skip_channels, self.out_channels = in_channels, skip_channels, out_channels
+        self.upsample_mode = upsample_mode
+        self.proj_x = nn.Conv2d(in_channels, out_channels, 1, bias=False, **dd)
+        self.proj_skip = nn.Conv2d(skip_channels, out_channels, 1, bias=False, **dd)
+        self.norm = norm_layer(out_channels, **dd)
+        self.act = act_layer()
+        self._init_tail(out_channels, cond_dim, context_dim, heads, act_layer, norm_layer, dd, film_bias)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, cond: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected (B, {self.in_channels}, h, w), got {tuple(x.shape)}")
+        expected = (x.shape[0], self.skip_channels, 2 * x.shape[2], 2 * x.shape[3])
+        if skip.shape != expected:
+            raise ValueError(f"skip: expected {expected}, got {tuple(skip.shape)}")
+        _check_cond(cond, self.cond_dim, x.shape[0])
+        _check_context(context, self.context_dim, x.shape[0])
+        align = True if self.upsample_mode in ("bilinear", "bicubic") else None
+        up = F.interpolate(self.proj_x(x), scale_factor=2.0, mode=self.upsample_mode, align_corners=align)
+        h = self.act(self.norm(up + self.proj_skip(skip)))
+        return self._tail(h, cond, context, context_mask)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, skip={self.skip_channels}, {self.out_channels}, "
+                f"upsample_mode={self.upsample_mode!r}")
+
+
+class UNet(nn.Module):
+    r"""GroupNorm U-Net on any H x W, with optional FiLM, cross-attention and bottleneck attention.
+
+    ``L = len(widths)`` levels; level ``i`` runs at ``1/2**i`` of the (padded) input resolution
+    with ``widths[i]`` channels. Encoder level ``i`` is an :class:`EncoderLevel` (max-pool for
+    ``i > 0``), the bottleneck is a :class:`~blockyard.blocks.ResBlock` (+ ``Dropout2d``) followed,
+    when ``attention=True``, by :class:`~blockyard.blocks.BottleneckAttention`; decoder level
+    ``i < L - 1`` is a :class:`DecoderLevel` from level ``i + 1`` with encoder level ``i`` as skip.
+    A 1x1 convolution maps the last decoder map (``widths[0]`` channels) to ``out_channels``.
+
+    - FiLM from ``cond`` ends every encoder and decoder level (``2L - 1`` of them), identity at init.
+    - Cross-attention to ``context`` ends the levels at the ``context_levels`` lowest resolutions
+      (encoder and decoder), pre-norm, residual, zero-initialised output projection.
+    - H and W are zero-padded (bottom, right) to a multiple of ``2**(L - 1)`` and the output is
+      cropped back, so any input size works. GroupNorm statistics include the padded zeros.
+
+    Speed on CPU: ``model.to(memory_format=torch.channels_last)`` with a channels-last input under
+    bfloat16 autocast is the fast path (every op here keeps the layout; see benchmarks/blocks.py).
+
+    Own heads: :meth:`features` returns the last decoder map ``(B, widths[0], H, W)`` (cropped),
+    and ``out_channels=None`` makes ``forward`` return it too (FusionNet puts two heads on it).
+
+    Args:
+        in_channels: input channels ``C_in``.
+        out_channels: output channels ``C_out``, or ``None`` for no output convolution.
+        widths: channels of each level, finest first; ``len(widths) >= 1``.
+        cond_dim: size of the FiLM vector ``cond``; ``None`` builds no FiLM (and rejects ``cond``).
+        context_dim: feature size of ``context``; ``None`` builds no cross-attention.
+        attention: self-attention over the bottleneck positions.
+        heads: heads of the cross- and self-attention (must divide the widths they act on).
+        context_levels: how many of the lowest resolutions get cross-attention.
+        dropout: ``Dropout2d`` probability after the bottleneck residual block (FusionNet: 0.15).
+        act_layer, norm_layer: as in :class:`~blockyard.blocks.ResBlock`.
+        upsample_mode: as in :class:`DecoderLevel`.
+
+    Shapes:
+        - x: ``(B, C_in, H, W)``; cond: ``(B, cond_dim)``; context: ``(B, L_ctx, context_dim)``
+        - context_mask: optional ``(B, L_ctx)`` bool, True = that context token is NOT attended
+        - output: ``(B, C_out, H, W)``, or ``(B, widths[0], H, W)`` when ``out_channels`` is None
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None,
+                 widths: tuple[int, ...] | list[int] = (32, 64, 128, 256), cond_dim: int | None = None,
+                 context_dim: int | None = None, attention: bool = False, heads: int = 4, *,
+                 context_levels: int = 2, dropout: float = 0.0,
+                 act_layer: Callable[[], nn.Module] = nn.SiLU,
+                 norm_layer: Callable[..., nn.Module] = group_norm, upsample_mode: str = "bilinear",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        widths = tuple(widths)
+        if len(widths) < 1 or any(w < 1 for w in widths):
+            raise ValueError(f"widths: expected at least one positive width, got {widths}")
+        if attention and widths[-1] % heads:
+            raise ValueError(f"heads: expected a divisor of the bottleneck width {widths[-1]}, got {heads}")
+        dd = {"device": device, "dtype": dtype}
+        levels = len(widths)
+        self.in_channels, self.out_channels, self.widths = in_channels, out_channels, widths
+        self.cond_dim, self.context_dim = cond_dim, context_dim
+        self.multiple = 2 ** (levels - 1)
+        kw = {"cond_dim": cond_dim, "heads": heads, "act_layer": act_layer, "norm_layer": norm_layer, **dd}
+
+        def ctx(i: int) -> int | None:
+            return context_dim if i >= levels - context_levels else None
+
+        self.encoders = nn.ModuleList(
+            EncoderLevel(in_channels if i == 0 else widths[i - 1], widths[i], downsample=i > 0,
+                         context_dim=ctx(i), **kw) for i in range(levels))
+        self.mid = ResBlock(widths[-1], act_layer=act_layer, norm_layer=norm_layer, **dd)
+        self.mid_drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.mid_attn = BottleneckAttention(widths[-1], heads=heads, **dd) if attention else nn.Identity()
+        self.decoders = nn.ModuleList(
+            DecoderLevel(widths[i + 1], widths[i], widths[i], context_dim=ctx(i),
+                         upsample_mode=upsample_mode, **kw) for i in reversed(range(levels - 1)))
+        self.head = (nn.Conv2d(widths[0], out_channels, 1, **dd) if out_channels is not None
+                     else nn.Identity())
+
+    def _check(self, x: torch.Tensor, cond: torch.Tensor | None, context: torch.Tensor | None) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        _check_cond(cond, self.cond_dim, x.shape[0])
+        _check_context(context, self.context_dim, x.shape[0])
+
+    def _padded_features(self, x: torch.Tensor, cond: torch.Tensor | None, context: torch.Tensor | None,
+                         context_mask: torch.Tensor | None) -> torch.Tensor:
+        pad_h, pad_w = -x.shape[2] % self.multiple, -x.shape[3] % self.multiple
+        h = F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        skips = []
+        for level in self.encoders:
+            h = level(h, cond, *((context, context_mask) if level.context_dim is not None else ()))
+            skips.append(h)
+        h = self.mid_attn(self.mid_drop(self.mid(skips.pop())))
+        for level in self.decoders:
+            h = level(h, skips.pop(), cond, *((context, context_mask) if level.context_dim is not None else ()))
+        return h
+
+    def features(self, x: torch.Tensor, cond: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last decoder map ``(B, widths[0], H, W)``, for users who attach their own heads."""
+        self._check(x, cond, context)
+        return self._padded_features(x, cond, context, context_mask)[..., : x.shape[2], : x.shape[3]]
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x, cond, context)
+        # Crop after the head: its output usually has fewer channels than the features.
+        h = self._padded_features(x, cond, context, context_mask)
+        return self.head(h)[..., : x.shape[2], : x.shape[3]]
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, widths={self.widths}, "
+                f"cond_dim={self.cond_dim}, context_dim={self.context_dim}")

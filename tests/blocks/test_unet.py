@@ -1,0 +1,237 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blockyard.blocks import DecoderLevel, EncoderLevel, ResBlock, UNet
+
+
+def perturb_(module, std=0.3):
+    """Give every parameter of ``module`` random values (zero-init gates become active)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+    return module
+
+
+def ref_norm(norm, x):  # GroupNorm written out: statistics per (sample, group), then per-channel affine
+    b = x.shape[0]
+    g = x.reshape(b, norm.num_groups, -1)
+    xn = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    return xn.reshape(x.shape) * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+def ref_resblock(blk, x):
+    h = F.silu(ref_norm(blk.norm1, F.conv2d(x, blk.conv1.weight, padding=1)))
+    h = ref_norm(blk.norm2, F.conv2d(h, blk.conv2.weight, padding=1))
+    skip = x if blk.in_channels == blk.out_channels else F.conv2d(x, blk.skip.weight)
+    return F.silu(skip + h)
+
+
+def ref_tail(level, h, cond, context):
+    h = ref_resblock(level.block, h)
+    if level.film is not None:
+        gamma, beta = (cond @ level.film.proj.weight.T + level.film.proj.bias).chunk(2, dim=-1)
+        h = h * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+    if level.cross_attn is not None:  # softmax attention by hand, heads split along channels
+        xa, b, c, hh, ww = level.cross_attn, *h.shape
+        t = F.layer_norm(h.flatten(2).transpose(1, 2), (c,), xa.norm.weight, xa.norm.bias, xa.norm.eps)
+        q = t @ xa.attn.q.weight.T
+        k, v = (context @ xa.attn.kv.weight.T).chunk(2, dim=-1)
+        n = xa.attn.heads
+        q, k, v = (z.reshape(b, z.shape[1], n, c // n).transpose(1, 2) for z in (q, k, v))
+        w = torch.softmax(q @ k.transpose(-1, -2) / (c // n) ** 0.5, dim=-1)
+        o = (w @ v).transpose(1, 2).reshape(b, hh * ww, c) @ xa.attn.proj.weight.T + xa.attn.proj.bias
+        h = h + o.transpose(1, 2).reshape(b, c, hh, ww)
+    return h
+
+
+def small(**kw):
+    return UNet(3, 2, widths=(8, 16, 16), **kw)
+
+
+@pytest.mark.parametrize("widths, size", [((8,), (17, 23)), ((8, 16, 16, 32), (17, 23)),
+                                          ((12, 20), (5, 7)), ((8, 16, 16, 32), (1, 1))])
+def test_output_has_input_spatial_size(widths, size):
+    model = UNet(3, 5, widths=widths)
+    assert model(torch.randn(2, 3, *size)).shape == (2, 5, *size)
+    assert model.features(torch.randn(2, 3, *size)).shape == (2, widths[0], *size)
+    assert UNet(3, None, widths=widths)(torch.randn(2, 3, *size)).shape == (2, widths[0], *size)
+
+
+def test_odd_size_is_the_zero_padded_output_cropped():
+    model = perturb_(small(cond_dim=4), std=0.2)
+    x, cond = torch.randn(2, 3, 17, 23), torch.randn(2, 4)
+    padded = F.pad(x, (0, 1, 0, 3))  # to a multiple of 2**(3-1) = 4: 20 x 24
+    torch.testing.assert_close(model(x, cond), model(padded, cond)[..., :17, :23])
+
+
+def test_widths_without_a_divisor_of_8_get_safe_groups():
+    model = UNet(3, 2, widths=(12, 20))
+    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {12: 6, 20: 5}
+    model(torch.randn(1, 3, 6, 6)).sum().backward()
+
+
+def test_gradients_flow_to_input_and_are_finite():
+    model = small(cond_dim=4, context_dim=6, attention=True)
+    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+    model(x, torch.randn(2, 4), torch.randn(2, 5, 6)).square().mean().backward()
+    assert x.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # zero-init gates still learn: their own gradient is nonzero
+    assert model.encoders[0].film.proj.weight.grad.abs().sum() > 0
+    assert model.encoders[-1].cross_attn.attn.proj.weight.grad.abs().sum() > 0
+    assert model.mid_attn.attn.proj.weight.grad.abs().sum() > 0
+
+
+def same_weights_without(model, **kw):
+    """The same U-Net built without the optional parts, sharing every other weight."""
+    plain = small(**kw)
+    missing, _ = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    return plain
+
+
+def test_film_is_identity_at_init_then_conditions_the_output():
+    model = small(cond_dim=4)
+    plain = same_weights_without(model)
+    x, c1, c2 = torch.randn(2, 3, 8, 8), torch.randn(2, 4), torch.randn(2, 4)
+    torch.testing.assert_close(model(x, c1), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(model(x, c2), plain(x), rtol=0, atol=0)
+    for film in (m for m in model.modules() if type(m).__name__ == "FiLM"):
+        perturb_(film, std=0.1)
+    assert (model(x, c1) - model(x, c2)).abs().max() > 1e-3
+
+
+def test_cross_attention_is_identity_at_init_then_reads_the_context():
+    model = small(context_dim=6)
+    plain = same_weights_without(model)
+    x, k1, k2 = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 6), torch.randn(2, 3, 6)
+    torch.testing.assert_close(model(x, context=k1), plain(x), rtol=0, atol=0)
+    xattn = [m for m in model.modules() if type(m).__name__ == "_MapCrossAttention"]
+    assert len(xattn) == 3  # encoders 1, 2 and decoder 1: the 2 lowest resolutions, not the finest
+    assert all(m.cross_attn is None for m in (model.encoders[0], model.decoders[-1]))
+    for m in xattn:
+        perturb_(m.attn.proj, std=0.2)
+    assert (model(x, context=k1) - model(x, context=k2)).abs().max() > 1e-3
+
+
+def test_context_mask_equals_dropping_the_masked_tokens():
+    model = perturb_(small(context_dim=6), std=0.2)
+    x, ctx = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 6)
+    mask = torch.tensor([[False, False, True, False, True]] * 2)
+    torch.testing.assert_close(model(x, context=ctx, context_mask=mask), model(x, context=ctx[:, [0, 1, 3]]))
+
+
+def test_bottleneck_attention_is_identity_at_init_then_mixes_positions():
+    model = small(attention=True)
+    plain = same_weights_without(model)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    perturb_(model.mid_attn.attn.proj, std=0.2)
+    assert (model(x) - plain(x)).abs().max() > 1e-3
+
+
+def test_resblock_matches_reference():
+    for cin, cout in ((8, 8), (6, 12)):
+        blk = perturb_(ResBlock(cin, cout), std=0.2)
+        x = torch.randn(2, cin, 7, 5)
+        torch.testing.assert_close(blk(x), ref_resblock(blk, x))
+
+
+def test_encoder_level_matches_explicit_composition():
+    level = perturb_(EncoderLevel(6, 12, downsample=True, cond_dim=4, context_dim=10, heads=3), std=0.2)
+    x, cond, ctx = torch.randn(2, 6, 10, 8), torch.randn(2, 4), torch.randn(2, 7, 10)
+    h = F.max_pool2d(x, 2)
+    stem_conv, stem_norm = level.stem[0], level.stem[1]
+    h = F.silu(ref_norm(stem_norm, F.conv2d(h, stem_conv.weight)))
+    torch.testing.assert_close(level(x, cond, ctx), ref_tail(level, h, cond, ctx))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_decoder_level_matches_conv_of_concatenation(mode):
+    level = perturb_(DecoderLevel(16, 8, 12, cond_dim=4, upsample_mode=mode), std=0.2)
+    x, skip, cond = torch.randn(2, 16, 5, 4), torch.randn(2, 8, 10, 8), torch.randn(2, 4)
+    up = F.interpolate(x, scale_factor=2, mode=mode, align_corners=True if mode == "bilinear" else None)
+    weight = torch.cat([level.proj_x.weight, level.proj_skip.weight], dim=1)  # the FusionNet 1x1 on cat
+    h = F.silu(ref_norm(level.norm, F.conv2d(torch.cat([up, skip], dim=1), weight)))
+    torch.testing.assert_close(level(x, skip, cond), ref_tail(level, h, cond, None))
+
+
+def test_unet_equals_its_levels_wired_by_hand():
+    model = perturb_(small(cond_dim=4, attention=True), std=0.15)
+    x, cond = torch.randn(2, 3, 8, 12), torch.randn(2, 4)
+    e0 = model.encoders[0](x, cond)
+    e1 = model.encoders[1](e0, cond)
+    e2 = model.encoders[2](e1, cond)
+    d1 = model.decoders[0](model.mid_attn(model.mid(e2)), e1, cond)
+    d0 = model.decoders[1](d1, e0, cond)
+    torch.testing.assert_close(model(x, cond), F.conv2d(d0, model.head.weight, model.head.bias))
+    torch.testing.assert_close(model.features(x, cond), d0)
+
+
+def test_rejects_bad_input():
+    model = small(cond_dim=4, context_dim=6)
+    x, cond, ctx = torch.randn(2, 3, 8, 8), torch.randn(2, 4), torch.randn(2, 5, 6)
+    cases = [((torch.randn(3, 8, 8), cond, ctx), "x: expected"),
+             ((torch.randn(2, 4, 8, 8), cond, ctx), r"x: expected \(B, 3, H, W\), got \(2, 4, 8, 8\)"),
+             ((x, None, ctx), "cond: expected"),
+             ((x, torch.randn(2, 5), ctx), r"cond: expected \(2, 4\), got \(2, 5\)"),
+             ((x, torch.randn(3, 4), ctx), "cond: expected"),
+             ((x, cond, None), "context: expected"),
+             ((x, cond, torch.randn(2, 5, 7)), r"context: expected \(2, L, 6\), got \(2, 5, 7\)"),
+             ((x, cond, torch.randn(2, 6)), "context: expected")]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            model(*args)
+    with pytest.raises(ValueError, match=r"cond: .*cond_dim=None"):
+        small()(x, cond)
+    with pytest.raises(ValueError, match=r"context: .*context_dim=None"):
+        small()(x, context=ctx)
+    with pytest.raises(ValueError, match="widths"):
+        UNet(3, 2, widths=())
+    with pytest.raises(ValueError, match="heads"):
+        UNet(3, 2, widths=(8, 10), attention=True, heads=4)
+    with pytest.raises(ValueError, match="skip: expected"):
+        DecoderLevel(8, 4, 4)(torch.randn(1, 8, 3, 3), torch.randn(1, 4, 5, 6))
+    with pytest.raises(ValueError, match="x: expected even"):
+        EncoderLevel(3, 4)(torch.randn(1, 3, 5, 6))
+
+
+def test_bf16_autocast_and_channels_last_agree_with_float32():
+    model = perturb_(small(cond_dim=4, context_dim=6, attention=True), std=0.1)
+    for p in model.parameters():  # keep the perturbed net's activations at unit scale
+        p.data.mul_(3.0 / max(1.0, p[0].numel() ** 0.5))
+    x, cond, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 4), torch.randn(2, 5, 6)
+    ref = model(x, cond, ctx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, cond, ctx)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 0.05
+    model_cl = model.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    feats = model_cl.features(x_cl, cond, ctx)
+    assert feats.is_contiguous(memory_format=torch.channels_last)  # no silent fall-back to NCHW
+    torch.testing.assert_close(model_cl(x_cl, cond, ctx), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # dynamo + AOTAutograd tracing of forward and backward: ~12 s CPU
+def test_compiles_fullgraph_without_graph_breaks():
+    # fullgraph=True fails on any graph break; aot_eager traces forward and backward without the
+    # inductor C++ build (the inductor numerics are checked by the slow test below).
+    model = perturb_(UNet(3, 2, widths=(8, 16), cond_dim=4, context_dim=6, attention=True), std=0.1)
+    x, cond, ctx = torch.randn(2, 3, 7, 9, requires_grad=True), torch.randn(2, 4), torch.randn(2, 3, 6)
+    mask = torch.tensor([[False, True, False]] * 2)
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, cond, ctx, mask)
+    torch.testing.assert_close(out, model(x, cond, ctx, mask))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.slow  # inductor's C++ build of every kernel: ~15 s on 2 idle cores
+def test_inductor_compile_matches_eager():
+    model = perturb_(UNet(3, 2, widths=(4, 8), cond_dim=4), std=0.1)
+    x, cond = torch.randn(2, 3, 7, 9), torch.randn(2, 4)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x, cond), model(x, cond), rtol=1e-4, atol=1e-4)
