@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     p.add_argument("--seeds", type=int, default=3, help="runs per arm")
     p.add_argument("--seed", type=int, default=0, help="first seed; run i uses seed + i")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps")
