@@ -165,6 +165,17 @@ def random_ranking(legal: np.ndarray, rng: np.random.Generator, *, step_size: in
     return Ranked(ops, np.arange(ops.shape[0]) // step_size, np.ones(ops.shape[0]))
 
 
+def _apply_if_improving(env: FusionEnv, op: Op, history: History) -> bool:
+    """Check ``op`` (one try); apply it and record it in ``history`` only if it lowers crossings."""
+    result = env.evaluate(op)
+    if not (result.ok and result.delta < 0):
+        return False
+    before = env.crossings
+    env.apply(op)
+    history.push(op, before, env.crossings)
+    return True
+
+
 class SeedResult(NamedTuple):
     ops: list[Op]  # the improving ops applied, in order
     tries: int  # op checks spent
@@ -184,11 +195,7 @@ def seed_history(env: FusionEnv, history: History, rng: np.random.Generator, *, 
             break
         used += 1
         op = Op(*map(int, row))
-        result = env.evaluate(op)
-        if result.ok and result.delta < 0:
-            before = env.crossings
-            env.apply(op)
-            history.push(op, before, env.crossings)
+        if _apply_if_improving(env, op, history):
             kept.append(op)
             first = used if first is None else first
     return SeedResult(kept, used, first)
@@ -274,11 +281,7 @@ def greedy_search(env: FusionEnv, *, history: History, initial_crossings: int, r
             tried[j] = True
             tries += 1
             op = Op(*map(int, ranked.ops[j]))
-            result = env.evaluate(op)
-            if result.ok and result.delta < 0:
-                before = env.crossings
-                env.apply(op)
-                history.push(op, before, env.crossings)
+            if _apply_if_improving(env, op, history):
                 ops.append(op)
                 first = tries if first is None else first
                 improved, ranked = True, None

@@ -23,14 +23,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fusion_ddp.py"
 TIMEOUT = 150
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from a second thread, and on a busy 2-core box each parallel
-    # region waits for a descheduled thread (100x slower forwards measured)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_inputs(batch: int, height: int, width: int, history_len: list[int], seed: int = 0):

@@ -73,13 +73,7 @@ def assert_valid_path(env: FusionEnv) -> None:
     assert env.crossings == count_crossings(env.H, env.V, env.zones)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tests run tiny batches; intra-op threads only contend with other processes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
