@@ -79,7 +79,13 @@ def parse_args(argv=None):
     return args
 
 
-def evaluate(model, scan, probe, args, batch=64):
+def loss_scale(scan, kind):
+    """The fixed normaliser of the physics loss: mean observed amplitude (or intensity) of a scan."""
+    obs = scan.diffraction.double()
+    return float(obs.mean() if kind == "mae" else obs.square().mean())
+
+
+def evaluate(model, scan, probe, args, scale, batch=64):
     """Validation loss over all patches of a scan, and the stitched reconstruction."""
     model.eval()
     losses, amps, phases = [], [], []
@@ -87,7 +93,7 @@ def evaluate(model, scan, probe, args, batch=64):
         for i in range(0, len(scan.diffraction), batch):
             x = scan.diffraction[i:i + batch]
             rec = model(x)
-            losses.append(physics_loss(rec, x, probe, args.loss) * len(x))
+            losses.append(physics_loss(rec, x, probe, args.loss, scale) * len(x))
             amps.append(rec.amplitude.float())
             phases.append(rec.phase.float())
     model.train()
@@ -110,6 +116,7 @@ def run_one(arm_name, seed, args, out_dir):
     test = simulate(args.size, args.patch, args.stride, probe, args.nphotons, generator=gen)
     torch.manual_seed(seed)  # the same init for every arm of this seed
     rms = float(train.diffraction.square().mean().sqrt())
+    scale = loss_scale(train, args.loss)
     model = PtychoNet(arm.block, args.hidden, args.levels, args.modes, args.blocks_per_level, rms)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n = len(train.diffraction)
@@ -128,7 +135,7 @@ def run_one(arm_name, seed, args, out_dir):
             apply_lr(opt, lr)
             x = train.diffraction[order[i:i + args.batch_size]]
             with autocast("cpu", args.precision):
-                loss = physics_loss(model(x), x, probe, args.loss)
+                loss = physics_loss(model(x), x, probe, args.loss, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if arm.clip is None:
@@ -141,12 +148,12 @@ def run_one(arm_name, seed, args, out_dir):
             step += 1
         lrs.append(lr)
         train_loss = float(epoch_loss) / n
-        val_loss, _, _ = evaluate(model, test, probe, args)
+        val_loss, _, _ = evaluate(model, test, probe, args, scale)
         curve.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             finite = False
             break
-    val_loss, amp, phase = evaluate(model, test, probe, args)
+    val_loss, amp, phase = evaluate(model, test, probe, args, scale)
     b = (args.patch - args.stride) // 2
     region = test.obj[b:b + amp.shape[0], b:b + amp.shape[1]]
     metrics = reconstruction_metrics(amp, phase, region) if finite else {}
@@ -180,7 +187,8 @@ def summarize(records, arm_names):
         row = {"n": len(runs), "failures": sum(failed), "failure_kinds": [r["failure"] for r in runs if r["failure"]]}
         for key in ("best_val", "final_val", "amp_ssim", "phase_ssim", "amp_mae", "phase_mae"):
             row[key] = sweep_summary([r.get(key) for r in runs], failed)._asdict()
-        pooled = [r["grad_norm"] for r in runs]
+        # gradient-norm statistics over the successful runs (a diverged run's are NaN/inf)
+        pooled = [r["grad_norm"] for r, f in zip(runs, failed) if not f] or [r["grad_norm"] for r in runs]
         row["grad_norm"] = {k: float(torch.tensor([g[k] for g in pooled]).median()) for k in ("median", "p99", "max")}
         for when in ("activations_init", "activations_end"):
             blocks = [b for b in (runs[0][when] if runs else {})]

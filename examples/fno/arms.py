@@ -62,21 +62,25 @@ class PtychoNet(nn.Module):
         return Reconstruction(torch.sigmoid(out[:, 0]), math.pi * torch.tanh(out[:, 1]))
 
 
-def physics_loss(rec: Reconstruction, observed: torch.Tensor, probe: torch.Tensor, kind: str = "mae") -> torch.Tensor:
-    """Self-supervised loss through the forward model, normalised by the mean observation.
+def physics_loss(rec: Reconstruction, observed: torch.Tensor, probe: torch.Tensor, kind: str = "mae",
+                 scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Self-supervised loss through the forward model, divided by a fixed dataset-level ``scale``.
 
-    ``mae``: ``mean |A(pred) - obs| / mean(obs)`` with ``A`` the far-field amplitude of
-    ``probe * pred``. ``poisson``: the Poisson negative log-likelihood of the observed counts
-    ``obs^2`` under intensity ``A(pred)^2`` (constants dropped), ``/ mean(obs^2)``. Float32.
+    ``mae``: ``mean |A(pred) - obs| / scale`` with ``A`` the far-field amplitude of
+    ``probe * pred`` (use ``scale = mean(obs)`` over the training set). ``poisson``: the Poisson
+    negative log-likelihood of the observed counts ``obs^2`` under intensity ``A(pred)^2``
+    (constants dropped), ``/ scale`` (use ``mean(obs^2)``). The scale is a constant, not the
+    batch's own mean: a batch of patches over empty object regions has ``mean(obs) ~ 0`` and
+    would blow the loss up (it did, for every arm alike). Float32.
     """
     obj = torch.polar(rec.amplitude.float(), rec.phase.float())
     pred = diffract(obj, probe)
     obs = observed[:, 0].float()
     if kind == "mae":
-        return (pred - obs).abs().mean() / obs.mean()
+        return (pred - obs).abs().mean() / scale
     if kind == "poisson":
         lam, k = pred.square(), obs.square()
-        return (lam - k * torch.log(lam + 1e-8)).mean() / k.mean()
+        return (lam - k * torch.log(lam + 1e-8)).mean() / scale
     raise ValueError(f"kind: expected 'mae' or 'poisson', got {kind!r}")
 
 
