@@ -211,11 +211,13 @@ def print_table(rows, file=sys.stdout):
         print(f"{arm:<18} {r['failures']}/{r['n']:<3}  {cell(r['best_val']):<26} {cell(r['final_val']):<26} "
               f"{cell(r['amp_ssim']):<26} {cell(r['phase_ssim']):<26} "
               f"{g['median']:.3g}/{g['p99']:.3g}/{g['max']:.3g}", file=file)
-    print("\nactivation std per block vs depth (init -> end, mean over seeds):", file=file)
-    for arm, r in rows.items():
-        pairs = [f"{r['activations_init'][b]['std']:.3g}->{r['activations_end'].get(b, {}).get('std', math.nan):.3g}"
-                 for b in r["activations_init"]]
-        print(f"  {arm:<18} " + "  ".join(pairs), file=file)
+    for stat in ("mean", "std"):
+        print(f"\nactivation {stat} per block vs depth (init -> end, mean over seeds):", file=file)
+        for arm, r in rows.items():
+            end = r["activations_end"]
+            pairs = [f"{r['activations_init'][b][stat]:.3g}->{end.get(b, {}).get(stat, math.nan):.3g}"
+                     for b in r["activations_init"]]
+            print(f"  {arm:<18} " + "  ".join(pairs), file=file)
 
 
 def plot(records, rows, out):
