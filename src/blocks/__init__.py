@@ -1,6 +1,6 @@
 """Layers and tensor ops used inside models. Every name is re-exported flat here."""
 
-from .attention import Attention, BottleneckAttention, CrossAttention, TransformerBlock, masked_attention
+from .attention import Attention, BottleneckAttention, CrossAttention, masked_attention
 from .drop import DropPath, drop_path
 from .film import FiLM
 from .fno import FNOBlock, StableFNOBlock, count_parameters
@@ -15,6 +15,7 @@ from .posenc import (
 )
 from .resblock import ResBlock
 from .spectral import SpectralConv2d
+from .transformer import TransformerBlock
 from .unet import DecoderLevel, EncoderLevel, UNet
 from .uno import HybridUNO
 
