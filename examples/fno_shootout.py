@@ -169,12 +169,16 @@ def run_one(arm_name, seed, args, out_dir):
         "activations_init": act_init, "activations_end": activation_profile(model, probe_batch) if finite else {},
         "seconds": time.perf_counter() - start,
     }
-    tmp = out_dir / f"{arm_name}_seed{seed}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, out_dir / f"{arm_name}_seed{seed}.json")
+    # Weights and reconstructions first (pickle-free); the JSON record, written last and atomically,
+    # marks the run finished, so a sweep resumes at run granularity (--resume auto skips it).
+    stem = f"{arm_name}_seed{seed}"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"{stem}_model.safetensors"))
     save_file({"amplitude": amp.contiguous(), "phase": phase.contiguous(),
                "true_amplitude": region.abs().contiguous(), "true_phase": region.angle().contiguous()},
-              str(out_dir / f"{arm_name}_seed{seed}_recon.safetensors"))
+              str(out_dir / f"{stem}_recon.safetensors"))
+    tmp = out_dir / f"{stem}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, out_dir / f"{stem}.json")
     return record
 
 

@@ -4,8 +4,9 @@ import math
 import fno_shootout
 import pytest
 import torch
-from fno.arms import Reconstruction, classify_failure, physics_loss, reconstruction_metrics
+from fno.arms import ARMS, PtychoNet, Reconstruction, classify_failure, physics_loss, reconstruction_metrics
 from fno.sim import diffract, make_probe, simulate, stitch
+from safetensors.torch import load_file
 
 
 def test_stitch_recovers_the_object_region():
@@ -62,6 +63,9 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 2  # 2 arms x 2 epochs
     assert (tmp_path / "loss_curves.png").exists() and (tmp_path / "reconstructions.png").exists()
+    weights = load_file(str(tmp_path / "runs" / "hybrid_seed0_model.safetensors"))
+    model = PtychoNet(ARMS["hybrid"].block, hidden=4, levels=2, modes=4)
+    model.load_state_dict(weights)  # a pickle-free file that rebuilds the trained model
     record = json.loads((tmp_path / "runs" / "hybrid_seed0.json").read_text())
     assert record["curve"][0]["lr"] > 0 and record["curve"][-1]["lr"] != record["curve"][0]["lr"]  # it steps
     before = (tmp_path / "runs" / "hybrid_seed0.json").stat().st_mtime_ns
