@@ -89,13 +89,13 @@ def evaluate(model, scan, probe, args, scale, batch=64):
     """Validation loss over all patches of a scan, and the stitched reconstruction."""
     model.eval()
     losses, amps, phases = [], [], []
-    with torch.no_grad(), autocast("cpu", args.precision):
+    with torch.no_grad(), autocast(probe.device, args.precision):
         for i in range(0, len(scan.diffraction), batch):
-            x = scan.diffraction[i:i + batch]
+            x = scan.diffraction[i:i + batch].to(probe.device)
             rec = model(x)
             losses.append(physics_loss(rec, x, probe, args.loss, scale) * len(x))
-            amps.append(rec.amplitude.float())
-            phases.append(rec.phase.float())
+            amps.append(rec.amplitude.float().cpu())
+            phases.append(rec.phase.float().cpu())
     model.train()
     loss = float(torch.stack(losses).sum()) / len(scan.diffraction)
     return loss, stitch(torch.cat(amps), scan.grid, scan.stride), stitch(torch.cat(phases), scan.grid, scan.stride)
@@ -107,34 +107,35 @@ def activation_profile(model, x):
     return {name: {"mean": s.mean, "std": s.std, "abs_max": s.abs_max} for name, s in monitor.stats().items()}
 
 
-def run_one(arm_name, seed, args, out_dir):
+def run_one(arm_name, seed, args, out_dir, device):
     """Train one arm with one seed; return its JSON-able record."""
     arm = ARMS[arm_name]
     gen = seed_everything(seed)
     probe = make_probe(args.patch)
     train = simulate(args.size, args.patch, args.stride, probe, args.nphotons, generator=gen)
     test = simulate(args.size, args.patch, args.stride, probe, args.nphotons, generator=gen)
+    probe, train_x = probe.to(device), train.diffraction.to(device)  # simulated on the CPU, trained anywhere
     torch.manual_seed(seed)  # the same init for every arm of this seed
     rms = float(train.diffraction.square().mean().sqrt())
     scale = loss_scale(train, args.loss)
-    model = PtychoNet(arm.block, args.hidden, args.levels, args.modes, args.blocks_per_level, rms)
+    model = PtychoNet(arm.block, args.hidden, args.levels, args.modes, args.blocks_per_level, rms).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n = len(train.diffraction)
     steps_per_epoch = math.ceil(n / args.batch_size)
     total = args.epochs * steps_per_epoch
     warmup = int(args.warmup * total)
-    probe_batch = train.diffraction[: args.batch_size]
+    probe_batch = train_x[: args.batch_size]
     act_init = activation_profile(model, probe_batch)
     curve, grad_norms, lrs, finite, step = [], [], [], True, 0
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        order = torch.randperm(n, generator=gen)
-        epoch_loss = torch.zeros(())
+        order = torch.randperm(n, generator=gen).to(device)
+        epoch_loss = torch.zeros((), device=device)
         for i in range(0, n, args.batch_size):
             lr = warmup_cosine(step, total, warmup, args.lr, min_lr=0.01 * args.lr)
             apply_lr(opt, lr)
-            x = train.diffraction[order[i:i + args.batch_size]]
-            with autocast("cpu", args.precision):
+            x = train_x[order[i:i + args.batch_size]]
+            with autocast(device, args.precision):
                 loss = physics_loss(model(x), x, probe, args.loss, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,7 +158,7 @@ def run_one(arm_name, seed, args, out_dir):
     b = (args.patch - args.stride) // 2
     region = test.obj[b:b + amp.shape[0], b:b + amp.shape[1]]
     metrics = reconstruction_metrics(amp, phase, region) if finite else {}
-    norms = torch.stack(grad_norms).double()
+    norms = torch.stack(grad_norms).double().cpu()
     vals = [c["val_loss"] for c in curve]
     best = min(vals) if vals else math.nan
     failure = classify_failure(finite, best, vals[-1] if vals else math.nan, metrics.get("amp_cv", 0.0))
@@ -172,7 +173,8 @@ def run_one(arm_name, seed, args, out_dir):
     # Weights and reconstructions first (pickle-free); the JSON record, written last and atomically,
     # marks the run finished, so a sweep resumes at run granularity (--resume auto skips it).
     stem = f"{arm_name}_seed{seed}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"{stem}_model.safetensors"))
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out_dir / f"{stem}_model.safetensors"))
     save_file({"amplitude": amp.contiguous(), "phase": phase.contiguous(),
                "true_amplitude": region.abs().contiguous(), "true_phase": region.angle().contiguous()},
               str(out_dir / f"{stem}_recon.safetensors"))
@@ -287,7 +289,7 @@ def main(argv=None):
     if mine:
         with Dashboard(total=len(mine), every_s=0 if args.smoke else 30, is_main=info.is_main) as dash:
             for k, (arm, seed) in enumerate(mine):
-                r = run_one(arm, seed, args, run_dir)
+                r = run_one(arm, seed, args, run_dir, info.device)
                 dash.update(k + 1, arm=arm, seed=seed, best_val=r["best_val"], failure=r["failure"] or "none")
     barrier()
     if info.is_main:
