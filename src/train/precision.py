@@ -101,10 +101,18 @@ def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) 
     """``scaler.step(optimizer)`` then ``scaler.update()``; True if the optimizer really stepped.
 
     An fp16 scaler skips ``optimizer.step()`` when the (unscaled) gradients hold inf/NaN and
-    backs its scale off. The skip is detected with a step post-hook on the optimizer (removed
-    again before returning), which costs no host sync beyond the scaler's own. Under DDP the
+    backs its scale off. For ordinary optimizers the skip is detected with a step post-hook
+    (removed again before returning), which costs no host sync beyond the scaler's own. Fused
+    optimizers (``fused=True``) take ``found_inf`` into their own step and skip *inside* it, so
+    their step hook fires either way: for them the answer is whether ``update()`` backed the
+    scale off (``backoff_factor < 1`` always), one host sync per step, fp16 only. Under DDP the
     gradients are already all-reduced, so every rank gets the same answer.
     """
+    if scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False):
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        return not scaler.get_scale() < before
     stepped: list[bool] = []
     handle = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
     try:

@@ -75,8 +75,12 @@ def test_scaler_is_a_no_op_without_fp16(precision):
     scaler.load_state_dict(make_grad_scaler("fp16", "cpu").state_dict())  # ignored, not an error
 
 
-def test_fp16_scaler_is_real_and_scaler_step_reports_a_skipped_step():
+@pytest.mark.parametrize("optimizer", ["sgd", "adam-fused"])
+def test_fp16_scaler_is_real_and_scaler_step_reports_a_skipped_step(optimizer):
+    """A fused optimizer skips inside its own step (GradScaler passes found_inf), so a step hook fires anyway."""
     model, opt = _setup()
+    if optimizer == "adam-fused":
+        opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
     scaler = make_grad_scaler("fp16", "cpu")
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
     scale0 = scaler.get_scale()
