@@ -63,6 +63,22 @@ class EMA:
     Update it on every rank after every optimizer step that was really taken (not after a step
     the grad scaler skipped); DDP keeps the parameters identical, so every rank's EMA agrees.
 
+    **Updating every k steps.** With ``every=k > 1`` the average moves only at steps divisible by
+    ``k`` (and at the first update, which copies); :meth:`update` returns at once on other steps.
+    An update after a gap compounds the decays of the steps since the last one,
+
+    .. math::
+        \theta_{ema} \leftarrow D\,\theta_{ema} + (1 - D)\,\theta, \qquad
+        D = \prod_{s = t_{last}+1}^{t} d_s,
+
+    so the old average keeps exactly the weight the per-step rule would give it and the averaging
+    horizon, counted in optimizer steps, does not change; what is lost is only the weights of the
+    skipped steps, each stood in for by the newer one. This is the memory-traffic lever for
+    memory-bound models (one update is a full read-read-write pass over the weights, as costly
+    as a copy); Lightning's ``EMAWeightAveraging(update_every_n_steps=...)`` and ema-pytorch's
+    ``update_every`` skip steps the same way but keep the per-step decay, which stretches the
+    horizon k times. ``every=1`` (the default) is the per-step formula above, exactly.
+
     Entries are matched by position (``parameters()`` then ``buffers()`` order), so the model
     passed to :meth:`update` may be wrapped differently from the one given here. All floating
     tensors are updated with one ``torch._foreach_lerp_`` call; integer tensors (such as
@@ -76,19 +92,22 @@ class EMA:
         warmup_power: :math:`p`, the warmup's power.
         buffers: ``"copy"`` (BN running statistics follow the live model, like ``AveragedModel``)
             or ``"average"`` (floating buffers are averaged too, like timm's default).
+        every: move the average every ``every`` optimizer steps (see above); 1 = every step.
 
     Shapes:
         - every EMA tensor has the shape, dtype and device of the model's tensor.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, warmup_gamma: float = 1.0,
-                 warmup_power: float = 2 / 3, buffers: str = "copy") -> None:
+                 warmup_power: float = 2 / 3, buffers: str = "copy", every: int = 1) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay: expected a value in [0, 1], got {decay}")
         if warmup_gamma <= 0:
             raise ValueError(f"warmup_gamma: expected > 0, got {warmup_gamma}")
         if warmup_power <= 0:
             raise ValueError(f"warmup_power: expected > 0, got {warmup_power}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every: expected an int >= 1, got {every!r}")
         if buffers not in _BUFFER_POLICIES:
             raise ValueError(f"buffers: expected one of {_BUFFER_POLICIES}, got {buffers!r}")
         if not isinstance(model, nn.Module):
@@ -98,7 +117,8 @@ class EMA:
         self.warmup_gamma = float(warmup_gamma)
         self.warmup_power = float(warmup_power)
         self.buffers = buffers
-        self.step: int | None = None  # last step passed to update(); None before the first
+        self.every = every
+        self.step: int | None = None  # step of the last update that moved the average; None before
         self.module = copy.deepcopy(_unwrap(model)).eval()
         self.module.requires_grad_(False)
         params = list(self.module.parameters())
@@ -130,18 +150,38 @@ class EMA:
                              f"the averaged model, got {len(params)} and {len(bufs)}")
         return params + bufs
 
+    def _span_decay(self, step: int) -> float:
+        """Decay of one update at ``step``: ``d_step``, or the product since the last one if ``every > 1``."""
+        if self.every == 1:
+            return self.decay_at(step)
+        if self.step is None:
+            return 0.0  # the product would run from step 1, whose decay is 0: a copy
+        d = 1.0
+        for s in range(min(self.step, step - 1) + 1, step + 1):  # at least the step itself
+            d *= self.decay_at(s)
+            if d == 0.0:
+                break
+        return d
+
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, model: nn.Module, step: int, force: bool = False) -> None:
         """Move the average towards ``model`` (wrapped or not) after optimizer step ``step``.
+
+        With ``every > 1`` this is a no-op unless ``step`` is a multiple of ``every``, it is the
+        first update, or ``force`` is true (use it before evaluating or saving the average at a
+        step that is not a multiple, so it includes the latest weights).
 
         Args:
             model: the live model, same architecture as the one the EMA was built from.
             step: optimizer steps taken so far, a Python int (1 after the first step).
+            force: update even at a step that ``every`` would skip.
         """
         if isinstance(step, torch.Tensor) or step < 0:
             raise ValueError(f"step: expected a Python int >= 0, got {step!r}")
+        if self.every > 1 and not force and self.step is not None and step % self.every != 0:
+            return
         entries = self._entries(model)
-        d = self.decay_at(step)
+        d = self._span_decay(step)
         if self._ema_lerp:
             src = [entries[i].detach() for i in self._lerp_idx]
             if d == 0.0:
@@ -169,6 +209,7 @@ class EMA:
             "warmup_gamma": self.warmup_gamma,
             "warmup_power": self.warmup_power,
             "buffers": self.buffers,
+            "every": self.every,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -182,7 +223,7 @@ class EMA:
         self.module.load_state_dict(state_dict["module"])
         step = state_dict.get("step")
         self.step = None if step is None else int(step)
-        for key in ("decay", "warmup", "warmup_gamma", "warmup_power", "buffers"):
+        for key in ("decay", "warmup", "warmup_gamma", "warmup_power", "buffers", "every"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 logger.warning("EMA.load_state_dict: saved %s=%r differs from this EMA's %r; keeping %r",
                                key, state_dict[key], getattr(self, key), getattr(self, key))
@@ -192,4 +233,5 @@ class EMA:
 
     def __repr__(self) -> str:
         return (f"EMA(decay={self.decay}, warmup={self.warmup}, warmup_gamma={self.warmup_gamma}, "
-                f"warmup_power={self.warmup_power:.4g}, buffers={self.buffers!r}, step={self.step})")
+                f"warmup_power={self.warmup_power:.4g}, buffers={self.buffers!r}, every={self.every}, "
+                f"step={self.step})")

@@ -209,3 +209,87 @@ def test_bad_arguments():
         ema.update(make_net(), -1)
     with pytest.raises(ValueError, match="state_dict"):
         ema.load_state_dict({"step": 3})
+
+
+@pytest.mark.parametrize("every", [2, 3, 5])
+def test_every_k_equals_per_step_when_weights_hold_between_updates(every):
+    """If the weights only change at update steps, skipping is lossless: same as the per-step rule.
+
+    Between two updates at t_a < t_b the per-step EMA applies d_{t_a+1} ... d_{t_b} to the old
+    average with the same theta each time, i.e. one lerp with the product D; every=k must do that.
+    """
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    per_step = EMA(net, decay=0.9)
+    skipping = EMA(net, decay=0.9, every=every)
+    ref = {k: v.clone().double() for k, v in net.state_dict().items()}
+    for step in range(1, 31):
+        if step == 1 or step % every == 1 or every == 1:  # the weights move right after an update
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(torch.randn_like(p))
+        per_step.update(net, step)
+        skipping.update(net, step)
+        d = hand_decay(step, 0.9)
+        for k, v in net.state_dict().items():
+            ref[k] = d * ref[k] + (1 - d) * v.double()
+        if step % every == 0 or step == 1:
+            for k, v in skipping.module.state_dict().items():
+                torch.testing.assert_close(v.double(), ref[k], rtol=1e-6, atol=1e-7, msg=f"{k} at {step}")
+    for a, b in zip(per_step.module.state_dict().values(), skipping.module.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_every_k_skips_work_and_keeps_the_horizon():
+    net = nn.Linear(4, 3)
+    ema = EMA(net, decay=0.99, warmup=False, every=4)
+    ema.update(net, 1)  # first update copies
+    assert ema.step == 1
+    b1 = ema.module.bias.clone()
+    with torch.no_grad():
+        net.bias.fill_(1.0)
+    for step in (2, 3):
+        ema.update(net, step)
+        assert torch.equal(ema.module.bias, b1) and ema.step == 1  # skipped steps touch nothing
+    ema.update(net, 4)  # compounds d_2 d_3 d_4 = 0.99**3, not 0.99 (that would stretch the horizon)
+    b4 = 0.99**3 * b1 + (1 - 0.99**3)
+    torch.testing.assert_close(ema.module.bias, b4)
+    assert ema.step == 4
+    ema.update(net, 6, force=True)  # forced at a non-multiple: compounds d_5 d_6
+    torch.testing.assert_close(ema.module.bias, 0.99**2 * b4 + (1 - 0.99**2))
+    assert ema.step == 6
+    ema.update(net, 8)  # the next multiple compounds d_7 d_8 only
+    torch.testing.assert_close(ema.module.bias, 0.99**4 * b4 + (1 - 0.99**4))
+
+
+def snapshots(n):
+    """The live model's state after each of n training steps."""
+    net = make_net()
+    return net, [copy.deepcopy(net.state_dict()) for _ in train_steps(net, n)]
+
+
+def test_every_k_resume_is_exact():
+    net, states = snapshots(10)
+    whole = EMA(make_net(), decay=0.95, every=3)
+    first = EMA(make_net(), decay=0.95, every=3)
+    for step, state in enumerate(states, 1):
+        net.load_state_dict(state)
+        whole.update(net, step)
+        if step <= 7:
+            first.update(net, step)
+    saved = first.state_dict()
+    assert saved["step"] == 6 and saved["every"] == 3  # step 7 was skipped
+    extras = json.loads(json.dumps({k: v for k, v in saved.items() if k != "module"}))
+    resumed = EMA(make_net(), decay=0.95, every=3)
+    resumed.load_state_dict(extras | {"module": {k: v.clone() for k, v in saved["module"].items()}})
+    for step in (8, 9, 10):
+        net.load_state_dict(states[step - 1])
+        resumed.update(net, step)
+    for a, b in zip(whole.module.state_dict().values(), resumed.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_every_must_be_a_positive_int():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="every"):
+            EMA(make_net(), every=bad)
