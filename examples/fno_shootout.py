@@ -119,7 +119,7 @@ def run_one(arm_name, seed, args, out_dir, device):
     rms = float(train.diffraction.square().mean().sqrt())
     scale = loss_scale(train, args.loss)
     model = PtychoNet(arm.block, args.hidden, args.levels, args.modes, args.blocks_per_level, rms).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # ~4x faster step
     n = len(train.diffraction)
     steps_per_epoch = math.ceil(n / args.batch_size)
     total = args.epochs * steps_per_epoch
