@@ -6,8 +6,8 @@ size of *its* group, so a leftover group of ``n < k`` micro-batches is divided b
 update is the mean gradient of the samples it saw, as for every full group (timm does the
 same; Lightning #19987 and accelerate divide by ``k`` and under-weight the last update).
 
-Under DDP, gradients are all-reduced only on the stepping micro-batch: forward *and* backward
-of the others run inside ``model.no_sync()`` (a forward outside it re-enables the sync).
+Under DDP (and FSDP1/FSDP2), gradients are synchronised only on the stepping micro-batch:
+forward *and* backward of the others run with the sync off (a forward outside it re-enables it).
 
 Usage::
 
@@ -55,14 +55,32 @@ class MicroBatch(NamedTuple):
     position: int
 
 
-def _sync_owner(model: nn.Module) -> nn.Module | None:
-    # torch.compile wraps DDP (compile after wrapping); no_sync lives on the DDP module itself.
-    while not hasattr(model, "no_sync"):
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Turns gradient synchronisation off for one micro-batch, whatever the wrapper.
+
+    DDP and FSDP1 have ``no_sync()``; FSDP2 (``fully_shard``) has ``set_requires_gradient_sync``
+    (turned back on when the context exits, so the stepping micro-batch reduce-scatters the
+    accumulated gradient). torch.compile wraps the distributed module (compile after wrapping),
+    so ``_orig_mod`` is followed down. Anything else: a null context.
+    """
+    while True:
+        if hasattr(model, "set_requires_gradient_sync"):
+            return _fsdp2_no_sync(model)
+        if hasattr(model, "no_sync"):
+            return model.no_sync()
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
-            return None
+            return contextlib.nullcontext()
         model = inner
-    return model
+
+
+@contextlib.contextmanager
+def _fsdp2_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 class GradientAccumulator:
@@ -127,13 +145,14 @@ class GradientAccumulator:
     ) -> Iterator[MicroBatch]:
         """Context for the forward and backward of micro-batch ``index``; yields its plan.
 
-        On a non-stepping micro-batch of a DDP model (also under torch.compile) it enters
-        ``model.no_sync()``, so no all-reduce happens; on the stepping one it syncs. Without
-        DDP it only sets the plan that :meth:`backward` uses.
+        On a non-stepping micro-batch of a DDP or FSDP1 model it enters ``model.no_sync()``, of
+        an FSDP2 (``fully_shard``) model it sets ``set_requires_gradient_sync(False)`` until the
+        context exits (also under torch.compile), so no all-reduce / reduce-scatter happens; on
+        the stepping one it syncs. Without a distributed wrapper it only sets the plan that
+        :meth:`backward` uses.
         """
         mb = self.plan(index, num_batches)
-        owner = None if mb.step else _sync_owner(model)
-        sync_off = owner.no_sync() if owner is not None else contextlib.nullcontext()
+        sync_off = contextlib.nullcontext() if mb.step else _no_sync(model)
         self._current = mb
         try:
             with sync_off:

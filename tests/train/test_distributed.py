@@ -1,5 +1,6 @@
-"""Cross-rank behaviour: setup from torchrun's env, collectives, DDP + accumulation equivalence,
-no_sync really skipping the all-reduce, early stopping and NaN skipping agreed across ranks.
+"""Cross-rank behaviour: setup from torchrun's env, collectives, DDP and FSDP2 + accumulation
+equivalence, no_sync really skipping the all-reduce (and FSDP2's reduce-scatter), early stopping
+and NaN skipping agreed across ranks.
 
 All two-process scenarios run in ONE `torchrun --standalone --nproc_per_node=2` launch of this
 very file (see `_worker`); the tests below only check what the ranks wrote.
@@ -100,6 +101,28 @@ def _ddp_accumulation(info: DistInfo) -> dict:
     }
 
 
+def _fsdp2_accumulation(info: DistInfo) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model)
+    opt = make_optimizer(model)
+    acc = GradientAccumulator(K, num_batches=NUM_BATCHES)
+    x, y = make_data()
+    rows = slice(info.rank * MICRO, (info.rank + 1) * MICRO)
+    grads_after = []  # sharded grads exist only after a reduce-scatter
+    for epoch in range(EPOCHS):
+        for i in range(NUM_BATCHES):
+            with acc.sync_context(model, i) as mb:
+                acc.backward(F.mse_loss(model(x[epoch, i, rows]), y[epoch, i, rows]))
+            grads_after.append((mb.step, all(p.grad is not None for p in model.parameters())))
+            if mb.step:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    return {"params": {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()},
+            "grads_after": grads_after}
+
+
 def _early_stopping(info: DistInfo) -> dict:
     # Rank 0 stops improving after check 2 and runs out of patience (2) at check 4; rank 1 improves
     # forever and would never stop on its own.
@@ -164,6 +187,7 @@ def _worker(out_dir: Path) -> None:
     }
     barrier()
     result["ddp"] = _ddp_accumulation(info)
+    result["fsdp2"] = _fsdp2_accumulation(info)
     result["early_stopping"] = _early_stopping(info)
     result["nan"] = _nan_skip(info)
     barrier()
@@ -242,6 +266,17 @@ def test_ddp_accumulation_matches_single_process_global_batch(ranks):
     # The reference really moved away from the start (the comparison is not vacuous).
     start = make_model().state_dict()
     assert max((reference[n] - start[n]).abs().max().item() for n in start) > 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_accumulation_matches_single_process_and_skips_reduce_scatter(ranks):
+    reference = single_process_reference()
+    for res in ranks:
+        for name, ref in reference.items():
+            torch.testing.assert_close(res["fsdp2"]["params"][name], ref, rtol=0, atol=1e-6, msg=name)
+        # non-stepping micro-batches leave the sharded grads unset: no reduce-scatter ran
+        assert res["fsdp2"]["grads_after"] == [(s, s) for s in [False, True, False, True, True] * EPOCHS]
 
 
 @pytest.mark.slow
