@@ -6,6 +6,8 @@ Variants, all on the same model, data and AdamW settings:
 - ``kit``: the same step assembled from the kit: ``GradientAccumulator`` (``sync_context`` +
   ``backward``), ``clip_gradients(algorithm="norm")``, ``EMA.update`` and a ``Dashboard`` writing
   to a non-TTY sink; monitors off.
+- ``kit ema/K``: ``kit`` with ``EMA(every=K)`` (``--ema-every``): the average moves every K-th
+  step with the decays of the skipped steps compounded, so its horizon is unchanged.
 - ``kit+monitors``: ``kit`` plus ``GradNormMonitor.compute_tensor()`` every step and an
   ``ActivationMonitor`` hooked on every Linear/Conv layer.
 
@@ -19,6 +21,11 @@ Run::
     python benchmarks/train_overhead.py                  # MLP, 3.4M params, batch 64 (worst case)
     python benchmarks/train_overhead.py --model cnn      # small CNN, 1.25M params, batch 16
     python benchmarks/train_overhead.py --ablate         # also kit without EMA / without clipping
+    python benchmarks/train_overhead.py --optimizer fused  # AdamW(fused=True): a 6x faster bare step
+
+Why the MLP is the worst case: at batch 64 its step is memory-bound, and an EMA update is one
+read-read-write pass over the weights (as costly as a copy) and the clip's norm one more read of
+the gradients, against a step whose own passes (forward, backward, AdamW) are only a few more.
 """
 from __future__ import annotations
 
@@ -51,6 +58,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is least noisy when shared)")
     p.add_argument("--clip", type=float, default=1.0, help="max grad norm for clip_gradients")
     p.add_argument("--ablate", action="store_true", help="also run the kit without EMA and without clipping")
+    p.add_argument("--ema-every", type=int, default=4, help="K of the 'kit ema/K' variant")
+    p.add_argument("--optimizer", choices=["default", "foreach", "fused"], default="default",
+                   help="AdamW implementation: torch's default for the device (single-tensor loop on the CPU), "
+                        "foreach=True or fused=True")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -82,19 +93,21 @@ class Runner:
     """One variant: its own model copy, optimizer and kit objects; ``run(n)`` takes n optimizer steps."""
 
     def __init__(self, name: str, model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]], accum: int,
-                 kit: bool, monitors: bool, clip: float = 1.0, use_clip: bool = True, use_ema: bool = True) -> None:
+                 kit: bool, monitors: bool, clip: float = 1.0, use_clip: bool = True, use_ema: bool = True,
+                 ema_every: int = 1, optimizer: str = "default") -> None:
         self.name, self.model, self.data, self.accum = name, model, data, accum
         self.kit, self.monitors = kit, monitors
         self.clip, self.use_clip, self.use_ema = clip, use_clip, use_ema
         self.clipped: list[bool] = []
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, **impl)
         self.loss_fn = nn.CrossEntropyLoss()
         self.step = 0
         self.cursor = 0
         self.sink = io.StringIO()  # not a TTY: one line per interval, no carriage returns
         if kit:
             self.acc = GradientAccumulator(accum)
-            self.ema = EMA(model, decay=0.999)  # before the activation hooks, so the copy has none
+            self.ema = EMA(model, decay=0.999, every=ema_every)  # before the activation hooks, so the copy has none
             self.dash = Dashboard(total=10**9, every_s=1.0, stream=self.sink)
         if monitors:
             self.grad_mon = GradNormMonitor(model, depth=1)
@@ -191,15 +204,20 @@ def main() -> None:
         m.load_state_dict(base.state_dict())
         return m
 
+    opt = args.optimizer
     runners = [
-        Runner("bare", clone(), data, args.accum, kit=False, monitors=False),
-        Runner("kit", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip),
-        Runner("kit+monitors", clone(), data, args.accum, kit=True, monitors=True, clip=args.clip),
+        Runner("bare", clone(), data, args.accum, kit=False, monitors=False, optimizer=opt),
+        Runner("kit", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip, optimizer=opt),
+        Runner(f"kit ema/{args.ema_every}", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip,
+               ema_every=args.ema_every, optimizer=opt),
+        Runner("kit+monitors", clone(), data, args.accum, kit=True, monitors=True, clip=args.clip, optimizer=opt),
     ]
     if args.ablate:
         runners += [
-            Runner("kit-no-ema", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip, use_ema=False),
-            Runner("kit-no-clip", clone(), data, args.accum, kit=True, monitors=False, use_clip=False),
+            Runner("kit-no-ema", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip,
+                   use_ema=False, optimizer=opt),
+            Runner("kit-no-clip", clone(), data, args.accum, kit=True, monitors=False, use_clip=False,
+                   optimizer=opt),
         ]
     wall: dict[str, list[float]] = {r.name: [] for r in runners}
     cpu: dict[str, list[float]] = {r.name: [] for r in runners}
@@ -212,7 +230,8 @@ def main() -> None:
                 cpu[r.name].append(c)
 
     print(f"model {args.model}: {n_params / 1e6:.2f}M params, batch {args.batch_size} x accum {args.accum}, "
-          f"threads {args.threads}, {args.rounds} rounds x {args.steps} steps; medians over rounds")
+          f"threads {args.threads}, AdamW {args.optimizer}, {args.rounds} rounds x {args.steps} steps; "
+          "medians over rounds")
     print("CPU = this process's CPU time (robust to other jobs on a shared machine); wall = perf_counter;")
     print("paired = median over rounds of (variant / bare - 1) within the same round")
     header = (f"{'variant':<15}{'CPU ms':>9}{'q25':>8}{'q75':>8}{'CPU ovh':>9}{'paired':>8}"
@@ -233,7 +252,7 @@ def main() -> None:
     if sampled:
         print(f"kit: gradient norm above --clip {args.clip} on {sum(sampled)}/{len(sampled)} sampled steps")
     print("\ncomponent costs (median CPU ms per call, called alone: caches warmer than in the loop)")
-    for name, ms in time_components(runners[2], reps=30).items():
+    for name, ms in time_components(runners[3], reps=30).items():
         print(f"  {name:<36}{ms:>8.3f}")
     for r in runners:
         if r.monitors:
