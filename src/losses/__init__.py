@@ -2,6 +2,7 @@
 
 from .heatmap import MASK_FILL, WTAOutput, gaussian_heatmap, wta_heatmap_loss
 from .metrics import accuracy, iou, topk_accuracy
+from .moe import router_z_loss, switch_balance_loss
 from .neighborhood import neighborhood_cross_entropy
 from .regression import CompositeLoss, LossOutput, dice_loss, log2_mse, masked_mse
 from .ssim import ssim
@@ -18,7 +19,9 @@ __all__ = [
     "log2_mse",
     "masked_mse",
     "neighborhood_cross_entropy",
+    "router_z_loss",
     "ssim",
+    "switch_balance_loss",
     "topk_accuracy",
     "wta_heatmap_loss",
 ]
