@@ -1,10 +1,16 @@
 """Layers and tensor ops used inside models. Every name is re-exported flat here."""
 
 from .attention import Attention, BottleneckAttention, CrossAttention, masked_attention
+from .convnext import ConvNeXtV2Block
+from .diffusion import DDPMScheduler, DDPMStepOutput
 from .drop import DropPath, drop_path
 from .film import FiLM
 from .fno import FNOBlock, StableFNOBlock, count_parameters
+from .gates import GateOutput, KeyGate, SoftGate, TopKGate
+from .graph import GraphAttention, GraphAttentionOutput, add_self_loops, segment_softmax
 from .heads import MLP, ConvHead
+from .masking import Gathered, downsample_mask, gather_masked, random_mask, scatter_masked
+from .moe import MixtureOfExperts, MoEOutput
 from .norm import GRN, LayerNorm2d, LayerScale, group_norm
 from .posenc import (
     LearnedPositionalEmbedding,
@@ -14,38 +20,63 @@ from .posenc import (
     timestep_embedding,
 )
 from .resblock import ResBlock
+from .resnet import BasicBlock, ResNet2d, ResNetFeatures, resnet18
 from .spectral import SpectralConv2d
 from .transformer import TransformerBlock
 from .unet import DecoderLevel, EncoderLevel, UNet
 from .uno import HybridUNO
+from .vit import ViT2d
 
 __all__ = [
     "GRN",
     "MLP",
     "Attention",
+    "BasicBlock",
     "BottleneckAttention",
     "ConvHead",
+    "ConvNeXtV2Block",
     "CrossAttention",
+    "DDPMScheduler",
+    "DDPMStepOutput",
     "DecoderLevel",
     "DropPath",
     "EncoderLevel",
     "FNOBlock",
     "FiLM",
+    "GateOutput",
+    "Gathered",
+    "GraphAttention",
+    "GraphAttentionOutput",
     "HybridUNO",
+    "KeyGate",
     "LayerNorm2d",
     "LayerScale",
     "LearnedPositionalEmbedding",
+    "MixtureOfExperts",
+    "MoEOutput",
     "ResBlock",
+    "ResNet2d",
+    "ResNetFeatures",
     "RotaryEmbedding",
+    "SoftGate",
     "SpectralConv2d",
     "StableFNOBlock",
+    "TopKGate",
     "TransformerBlock",
     "UNet",
+    "ViT2d",
+    "add_self_loops",
     "coord_channels",
     "count_parameters",
+    "downsample_mask",
     "drop_path",
+    "gather_masked",
     "group_norm",
     "masked_attention",
+    "random_mask",
+    "resnet18",
+    "scatter_masked",
+    "segment_softmax",
     "sincos_2d",
     "timestep_embedding",
 ]
