@@ -1,22 +1,29 @@
 """Storage, datasets, samplers, splits and padding. Every name is re-exported flat here."""
 
 from .balance import Split, balanced_indices, group_split, layer_index, stratified_split
+from .binning import BinnedTargets, bin_index, freedman_diaconis_edges
 from .padded import PAD_MASK, PaddedDataset
 from .samplers import BucketBatchSampler
+from .shards import ShardDataset, write_shard
 from .store import CorruptedStoreError, GroupedStore, StoreGroup
 from .store_writer import GroupedStoreWriter
 
 __all__ = [
     "PAD_MASK",
+    "BinnedTargets",
     "BucketBatchSampler",
     "CorruptedStoreError",
     "GroupedStore",
     "GroupedStoreWriter",
     "PaddedDataset",
+    "ShardDataset",
     "Split",
     "StoreGroup",
     "balanced_indices",
+    "bin_index",
+    "freedman_diaconis_edges",
     "group_split",
     "layer_index",
     "stratified_split",
+    "write_shard",
 ]
