@@ -8,7 +8,7 @@ from .film import FiLM
 from .fno import FNOBlock, StableFNOBlock, count_parameters
 from .gates import GateOutput, KeyGate, SoftGate, TopKGate
 from .graph import GraphAttention, GraphAttentionOutput, add_self_loops, segment_softmax
-from .heads import MLP, ConvHead
+from .heads import MLP, ConvHead, SideHead
 from .masking import Gathered, downsample_mask, gather_masked, random_mask, scatter_masked
 from .moe import MixtureOfExperts, MoEOutput
 from .norm import GRN, LayerNorm2d, LayerScale, group_norm
@@ -58,6 +58,7 @@ __all__ = [
     "ResNet2d",
     "ResNetFeatures",
     "RotaryEmbedding",
+    "SideHead",
     "SoftGate",
     "SpectralConv2d",
     "StableFNOBlock",

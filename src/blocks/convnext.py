@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .drop import DropPath
+from .masking import _check_spatial_mask
 from .norm import GRN, LayerNorm2d
 
 __all__ = ["ConvNeXtV2Block"]
@@ -98,12 +99,7 @@ class ConvNeXtV2Block(nn.Module):
         batch, _, height, width = x.shape
         hidden_mask = None
         if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask: expected a bool tensor (True = masked), got {mask.dtype}")
-            if mask.shape not in ((batch, height, width), (batch, 1, height, width)):
-                raise ValueError(f"mask: expected ({batch}, {height}, {width}) or "
-                                 f"({batch}, 1, {height}, {width}), got {tuple(mask.shape)}")
-            hidden_mask = mask.reshape(batch, 1, height, width)
+            hidden_mask = _check_spatial_mask(mask, batch, height, width)
             # masked_fill rather than * (1 - m): NaN/inf at masked positions must not leak either
             x = x.masked_fill(hidden_mask, 0.0)
         y = self.dwconv(x)

@@ -1,4 +1,4 @@
-"""Output heads: a convolutional refinement head for dense maps and a dense MLP."""
+"""Output heads: a convolutional refinement head for dense maps, a dense MLP, and an MLP head with side inputs."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -8,7 +8,7 @@ from torch import nn
 
 from .norm import group_norm
 
-__all__ = ["MLP", "ConvHead"]
+__all__ = ["MLP", "ConvHead", "SideHead"]
 
 
 def _widths(hidden: int | Sequence[int] | None, count: int, default: list[int], name: str) -> list[int]:
@@ -138,3 +138,69 @@ class MLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, widths={self.widths}, out_dim={self.out_dim}"
+
+
+class SideHead(nn.Module):
+    r"""MLP head on pooled features joined with a projection of optional side parameters.
+
+    System A's models (seed research A5) feed side parameters (e.g. ``(n, k, m)``) this way:
+
+    .. math::
+        s = \mathrm{act}(W_s\, \mathrm{side} + b_s), \qquad
+        y = \mathrm{MLP}(\mathrm{norm}([f, s]))
+
+    With ``side_dim=0`` there is no projection and ``y = MLP(norm(f))``; ``norm`` is the identity
+    unless ``norm_layer`` is given. ``side`` is cast to the dtype of ``f`` before the projection.
+
+    Args:
+        in_dim: width of the pooled features ``f``.
+        side_dim: size of the side-parameter vector; 0 = none (then ``side`` must be None).
+        out_dim: output features.
+        side_hidden: width of the side projection ``s``.
+        hidden: hidden widths of the :class:`MLP` (``()`` = a single Linear).
+        dropout: dropout after each hidden activation of the MLP.
+        act_layer: activation of the side projection and the MLP.
+        norm_layer: optional, called as ``norm_layer(in_dim + side_hidden)`` (``in_dim`` when
+            ``side_dim=0``) on the joined features before the MLP (e.g. ``nn.LayerNorm``).
+
+    Shapes:
+        - features: ``(B, in_dim)``
+        - side: ``(B, side_dim)``, required iff ``side_dim > 0``
+        - output: ``(B, out_dim)``
+    """
+
+    def __init__(self, in_dim: int, side_dim: int = 0, out_dim: int = 1, side_hidden: int = 64,
+                 hidden: int | Sequence[int] = (256,), dropout: float = 0.0,
+                 act_layer: Callable[[], nn.Module] = nn.ReLU,
+                 norm_layer: Callable[[int], nn.Module] | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if in_dim < 1 or side_dim < 0:
+            raise ValueError(f"in_dim, side_dim: expected >= 1, >= 0, got {in_dim}, {side_dim}")
+        self.in_dim = in_dim
+        self.side_dim = side_dim
+        self.side = (nn.Sequential(nn.Linear(side_dim, side_hidden, device=device, dtype=dtype), act_layer())
+                     if side_dim > 0 else None)
+        features = in_dim + (side_hidden if side_dim > 0 else 0)
+        self.norm = nn.Identity() if norm_layer is None else _place(norm_layer(features), device, dtype)
+        self.mlp = MLP(features, hidden=hidden, out_dim=out_dim, dropout=dropout, act_layer=act_layer,
+                       device=device, dtype=dtype)
+
+    def check_side(self, side: torch.Tensor | None, batch: int) -> None:
+        """Raise unless ``side`` fits this head for a batch of ``batch`` (models call it up front)."""
+        if self.side is None:
+            if side is not None:
+                raise ValueError(f"side: this model was built with side_dim=0, got {tuple(side.shape)}")
+        elif side is None or side.shape != (batch, self.side_dim):
+            got = None if side is None else tuple(side.shape)
+            raise ValueError(f"side: expected ({batch}, {self.side_dim}), got {got}")
+
+    def forward(self, features: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        if features.dim() != 2 or features.shape[1] != self.in_dim:
+            raise ValueError(f"features: expected (B, {self.in_dim}), got {tuple(features.shape)}")
+        self.check_side(side, features.shape[0])
+        if self.side is not None:
+            features = torch.cat([features, self.side(side.to(features.dtype))], dim=1)
+        return self.mlp(self.norm(features))
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, side_dim={self.side_dim}"

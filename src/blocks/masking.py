@@ -21,6 +21,16 @@ def _float_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _check_spatial_mask(mask: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """Validate a bool spatial ``mask`` of ``(B, H, W)`` or ``(B, 1, H, W)``; return it as ``(B, 1, H, W)``."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor (True = masked), got {mask.dtype}")
+    if mask.shape not in ((batch, height, width), (batch, 1, height, width)):
+        raise ValueError(f"mask: expected ({batch}, {height}, {width}) or "
+                         f"({batch}, 1, {height}, {width}), got {tuple(mask.shape)}")
+    return mask.reshape(batch, 1, height, width)
+
+
 def random_mask(batch: int, n: int, ratio: float, valid: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     r"""Uniformly random mask with exactly ``round(ratio * n_valid)`` masked positions per row.

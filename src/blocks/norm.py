@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masking import _check_spatial_mask
+
 __all__ = ["GRN", "LayerNorm2d", "LayerScale", "group_norm"]
 
 
@@ -141,17 +143,12 @@ class GRN(nn.Module):
             batch, height, width = x.shape[0], x.shape[2], x.shape[3]
             spatial, chan, param_shape = (2, 3), 1, (c, 1, 1)
         if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask: expected a bool tensor (True = masked), got {mask.dtype}")
-            if mask.shape not in ((batch, height, width), (batch, 1, height, width)):
-                raise ValueError(f"mask: expected ({batch}, {height}, {width}) or "
-                                 f"({batch}, 1, {height}, {width}), got {tuple(mask.shape)}")
+            mask = _check_spatial_mask(mask, batch, height, width)
+            if self.channels_last:
+                mask = mask.reshape(batch, height, width, 1)
 
         xf = x.to(_stats_dtype(x.dtype))
-        visible = xf
-        if mask is not None:
-            shape = (batch, height, width, 1) if self.channels_last else (batch, 1, height, width)
-            visible = xf.masked_fill(mask.reshape(shape), 0.0)
+        visible = xf if mask is None else xf.masked_fill(mask, 0.0)
         gx = torch.linalg.vector_norm(visible, ord=2, dim=spatial, keepdim=True)
         nx = gx / (gx.mean(dim=chan, keepdim=True) + self.eps)
         gamma = self.gamma.to(xf.dtype).view(param_shape)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .heads import MLP, _place
+from .heads import SideHead, _place
 
 __all__ = ["BasicBlock", "ResNet2d", "ResNetFeatures", "resnet18"]
 
@@ -99,8 +99,9 @@ class ResNet2d(nn.Module):
 
     stem 3x3 conv (stride 1) + BN + ReLU, ``num_blocks`` stride-1 :class:`BasicBlock` s of
     width ``C``, adaptive average pooling to ``pool_size`` (default 1 = global average pooling,
-    so any ``H, W >= 1`` works), then the side projection (``side_hidden`` wide, 64 in the seed)
-    concatenated and the head ``Linear -> ReLU -> [Dropout] -> Linear`` (hidden 256 in the seed).
+    so any ``H, W >= 1`` works), then a :class:`SideHead`: the side projection (``side_hidden``
+    wide, 64 in the seed) concatenated and the head ``Linear -> ReLU -> [Dropout] -> Linear``
+    (hidden 256 in the seed).
     The seed flattens the whole 6x6 map instead of pooling: ``pool_size=6`` on 6x6 inputs
     reproduces that exactly (adaptive pooling to the input's own size is the identity), and on
     other sizes still works (smaller maps are repeated, larger ones averaged into 6x6 cells).
@@ -151,10 +152,8 @@ class ResNet2d(nn.Module):
                                       for _ in range(num_blocks)])
         self.pool = nn.AdaptiveAvgPool2d(self.pool_size)
         features = c * self.pool_size[0] * self.pool_size[1]
-        self.side = (nn.Sequential(nn.Linear(side_dim, side_hidden, **dd), act_layer()) if side_dim > 0
-                     else None)
-        self.head = MLP(features + (side_hidden if side_dim > 0 else 0), hidden=head_hidden, out_dim=out_dim,
-                        dropout=dropout, act_layer=act_layer, **dd)
+        self.head = SideHead(features, side_dim=side_dim, out_dim=out_dim, side_hidden=side_hidden,
+                             hidden=head_hidden, dropout=dropout, act_layer=act_layer, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -163,16 +162,8 @@ class ResNet2d(nn.Module):
     def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"x: expected (B, {self.in_channels}, H >= 1, W >= 1), got {tuple(x.shape)}")
-        if self.side is None:
-            if side is not None:
-                raise ValueError(f"side: this model was built with side_dim=0, got {tuple(side.shape)}")
-        elif side is None or side.shape != (x.shape[0], self.side_dim):
-            got = None if side is None else tuple(side.shape)
-            raise ValueError(f"side: expected ({x.shape[0]}, {self.side_dim}), got {got}")
-        f = self.pool(self.blocks(self.stem(x))).flatten(1)
-        if self.side is not None:
-            f = torch.cat([f, self.side(side.to(f.dtype))], dim=1)
-        return self.head(f)
+        self.head.check_side(side, x.shape[0])
+        return self.head(self.pool(self.blocks(self.stem(x))).flatten(1), side)
 
     def extra_repr(self) -> str:
         return f"side_dim={self.side_dim}, pool_size={self.pool_size}"

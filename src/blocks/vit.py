@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .heads import MLP
+from .heads import SideHead
 from .posenc import LearnedPositionalEmbedding, sincos_2d
 from .transformer import TransformerBlock
 
@@ -39,8 +39,9 @@ class ViT2d(nn.Module):
 
     The patch embedding is a ``patch_size``-strided conv (the same map as the seed's Linear on
     flattened patches). Side parameters follow the seed: projected to ``side_hidden`` (default
-    ``dim``) and concatenated with the mean-pooled tokens, not fed as a token. The head is
-    ``LayerNorm -> Linear -> ReLU -> [Dropout] -> Linear`` (hidden 256 in the seed).
+    ``dim``) and concatenated with the mean-pooled tokens, not fed as a token. The head, a
+    :class:`SideHead`, is ``LayerNorm -> Linear -> ReLU -> [Dropout] -> Linear`` (hidden 256 in
+    the seed).
 
     Padding rule: an ``H`` or ``W`` that is not a multiple of ``patch_size`` is zero-padded at
     the bottom / right up to the next multiple (System A's matrices are zero-padded the same
@@ -113,12 +114,8 @@ class ViT2d(nn.Module):
                                                       act_layer=act_layer, **dd) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, **dd)
         side_hidden = dim if side_hidden is None else side_hidden
-        self.side = (nn.Sequential(nn.Linear(side_dim, side_hidden, **dd), head_act_layer()) if side_dim > 0
-                     else None)
-        features = dim + (side_hidden if side_dim > 0 else 0)
-        self.head_norm = nn.LayerNorm(features, **dd)
-        self.head = MLP(features, hidden=head_hidden, out_dim=out_dim, dropout=dropout, act_layer=head_act_layer,
-                        **dd)
+        self.head = SideHead(dim, side_dim=side_dim, out_dim=out_dim, side_hidden=side_hidden, hidden=head_hidden,
+                             dropout=dropout, act_layer=head_act_layer, norm_layer=nn.LayerNorm, **dd)
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -139,12 +136,7 @@ class ViT2d(nn.Module):
                 limit = (self.grid[0] * p, self.grid[1] * p)
                 raise ValueError(f"x: expected H <= {limit[0]} and W <= {limit[1]} (img_size), "
                                  f"got {tuple(x.shape)}")
-        if self.side is None:
-            if side is not None:
-                raise ValueError(f"side: this model was built with side_dim=0, got {tuple(side.shape)}")
-        elif side is None or side.shape != (x.shape[0], self.side_dim):
-            got = None if side is None else tuple(side.shape)
-            raise ValueError(f"side: expected ({x.shape[0]}, {self.side_dim}), got {got}")
+        self.head.check_side(side, x.shape[0])
 
     def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, side)
@@ -160,10 +152,7 @@ class ViT2d(nn.Module):
             z = z + sincos_2d(gh, gw, self.dim, device=z.device, dtype=z.dtype)
         for block in self.blocks:
             z = block(z)
-        f = self.norm(z).mean(dim=1)
-        if self.side is not None:
-            f = torch.cat([f, self.side(side.to(f.dtype))], dim=1)
-        return self.head(self.head_norm(f))
+        return self.head(self.norm(z).mean(dim=1), side)
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, dim={self.dim}, side_dim={self.side_dim}, grid={self.grid}"

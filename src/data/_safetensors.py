@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +25,7 @@ __all__ = [
     "array_to_torch",
     "copy_hashed",
     "encode_header",
+    "fsync_dir",
     "map_file",
     "sha256_file",
     "to_numpy",
@@ -149,3 +151,12 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO, digest: hashlib._Hash, chunk: int 
         dst.write(block)
         total += len(block)
     return total
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (files created or renamed into it) durable across a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

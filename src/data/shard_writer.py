@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._safetensors import DTYPES, CorruptedStoreError, encode_header, to_numpy
+from ._safetensors import DTYPES, CorruptedStoreError, encode_header, fsync_dir, to_numpy
 from .padded import PAD_MASK
 
 try:  # serialises index updates between processes; absent on Windows
@@ -116,14 +116,6 @@ def _read_index(folder: Path) -> dict[str, Any]:
         got = index.get("format") if isinstance(index, dict) else None
         raise CorruptedStoreError(f"{path}: format {got!r}, expected {FORMAT!r}")
     return index
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(folder: str | os.PathLike, matrices: Any, side: Any, targets: Any, *, shapes: Any = None,
@@ -235,7 +227,7 @@ def write_shard(folder: str | os.PathLike, matrices: Any, side: Any, targets: An
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_index, folder / INDEX)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     return target
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._safetensors import DTYPES, copy_hashed, encode_header, to_numpy
+from ._safetensors import DTYPES, copy_hashed, encode_header, fsync_dir, to_numpy
 
 __all__ = ["FORMAT", "GroupedStoreWriter"]
 
@@ -197,7 +197,7 @@ class GroupedStoreWriter:
                 json.dump(index, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(self._tmp)
+            fsync_dir(self._tmp)
             _install(self._tmp, self.path, self.overwrite)
         except BaseException:
             self.abort()
@@ -268,14 +268,6 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path}: exists and is not a GroupedStore; refusing to overwrite it")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _install(tmp: Path, path: Path, overwrite: bool) -> None:
     _check_target(path, overwrite)  # again: the target may have appeared while we streamed
     old = None
@@ -283,6 +275,6 @@ def _install(tmp: Path, path: Path, overwrite: bool) -> None:
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockyard.blocks import MLP, ConvHead
+from blockyard.blocks import MLP, ConvHead, SideHead
 
 
 def structure(head):
@@ -116,3 +116,78 @@ def test_heads_bf16_autocast():
     assert y.dtype == z.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), head(x), atol=0.05, rtol=0.05)
     torch.testing.assert_close(z.float(), mlp(x.mean((2, 3))), atol=0.05, rtol=0.05)
+
+
+def test_side_head_shape_grad_and_reference():
+    head = SideHead(10, side_dim=3, out_dim=2, side_hidden=5, hidden=(7,))
+    f, side = torch.randn(4, 10, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    y = head(f, side)
+    assert y.shape == (4, 2)
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert side.grad.abs().sum() > 0 and f.grad.abs().sum() > 0
+    # independent reference: y = W_o ReLU(W_1 [f, ReLU(W_s side + b_s)] + b_1) + b_o
+    (ls, _), (l1, _), lo = head.side, head.mlp.body, head.mlp.out
+    s = F.relu(side @ ls.weight.T + ls.bias)
+    h = F.relu(torch.cat([f, s], 1) @ l1.weight.T + l1.bias)
+    torch.testing.assert_close(y, h @ lo.weight.T + lo.bias)
+    assert [m.out_features for m in head.modules() if isinstance(m, nn.Linear)] == [5, 7, 2]
+
+
+def test_side_head_uses_side():
+    head = SideHead(6, side_dim=2, hidden=(8,)).eval()
+    f, side = torch.randn(5, 6), torch.randn(5, 2)
+    y = head(f, side)
+    assert not torch.allclose(y, head(f, side + 1.0))
+    # each row depends on its own side vector only
+    other = side.clone()
+    other[0] += 1.0
+    y2 = head(f, other)
+    assert not torch.allclose(y[0], y2[0]) and torch.equal(y[1:], y2[1:])
+    assert head(f, side.double()).dtype == torch.float32  # side is cast to the features' dtype
+
+
+def test_side_head_without_side_is_the_mlp():
+    head = SideHead(6, out_dim=3, hidden=(4,))
+    assert head.side is None and head.mlp.in_dim == 6
+    f = torch.randn(2, 6)
+    torch.testing.assert_close(head(f), head.mlp(f))
+    assert sum(p.numel() for p in head.parameters()) == sum(p.numel() for p in head.mlp.parameters())
+
+
+def test_side_head_norm_layer_on_joined_features():
+    head = SideHead(6, side_dim=2, side_hidden=3, hidden=(), norm_layer=nn.LayerNorm)
+    nn.init.normal_(head.norm.weight)
+    nn.init.normal_(head.norm.bias)
+    assert head.norm.normalized_shape == (9,)
+    f, side = torch.randn(4, 6), torch.randn(4, 2)
+    joined = torch.cat([f, F.relu(F.linear(side, head.side[0].weight, head.side[0].bias))], 1)
+    expected = F.linear(F.layer_norm(joined, (9,), head.norm.weight, head.norm.bias), head.mlp.out.weight,
+                        head.mlp.out.bias)
+    torch.testing.assert_close(head(f, side), expected)
+    assert isinstance(SideHead(6).norm, nn.Identity)
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: SideHead(6, side_dim=2)(torch.randn(3, 6)), r"side: expected \(3, 2\), got None"),
+    (lambda: SideHead(6, side_dim=2)(torch.randn(3, 6), torch.randn(3, 3)), r"side: expected \(3, 2\), got \(3, 3\)"),
+    (lambda: SideHead(6, side_dim=2)(torch.randn(3, 6), torch.randn(2, 2)), r"side: expected \(3, 2\), got \(2, 2\)"),
+    (lambda: SideHead(6)(torch.randn(3, 6), torch.randn(3, 2)),
+     r"side: this model was built with side_dim=0, got \(3, 2\)"),
+    (lambda: SideHead(6, side_dim=2)(torch.randn(3, 5), torch.randn(3, 2)),
+     r"features: expected \(B, 6\), got \(3, 5\)"),
+    (lambda: SideHead(6)(torch.randn(2, 3, 6)), r"features: expected \(B, 6\), got \(2, 3, 6\)"),
+    (lambda: SideHead(6, side_dim=-1), r"side_dim"),
+])
+def test_side_head_rejects_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_side_head_bf16_autocast():
+    head = SideHead(8, side_dim=3, out_dim=2, hidden=(16,))
+    f, side = torch.randn(4, 8), torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = head(f, side)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), head(f, side), atol=0.05, rtol=0.05)

@@ -91,8 +91,8 @@ def test_resnet2d_pool6_is_the_seeds_flatten_and_side_is_used():
     model = randomise_norms(ResNet2d(base_channels=8, num_blocks=2, side_dim=3, pool_size=6)).eval()
     x, side = torch.randn(3, 1, 6, 6), torch.randn(3, 3)
     feat = model.blocks(model.stem(x)).flatten(1)  # the seed: flatten the whole 6x6 map
-    p = F.relu(F.linear(side, model.side[0].weight, model.side[0].bias))
-    torch.testing.assert_close(model(x, side), model.head(torch.cat([feat, p], 1)))
+    p = F.relu(F.linear(side, model.head.side[0].weight, model.head.side[0].bias))
+    torch.testing.assert_close(model(x, side), model.head.mlp(torch.cat([feat, p], 1)))
     assert not torch.allclose(model(x, side), model(x, side + 1.0))
 
 

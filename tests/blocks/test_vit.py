@@ -30,8 +30,8 @@ def reference(model, x, side=None, positions=None):
         z = block(z)
     f = F.layer_norm(z, (model.dim,), model.norm.weight, model.norm.bias).mean(1)
     if side is not None:
-        f = torch.cat([f, F.relu(F.linear(side, model.side[0].weight, model.side[0].bias))], 1)
-    return model.head(model.head_norm(f))
+        f = torch.cat([f, F.relu(F.linear(side, model.head.side[0].weight, model.head.side[0].bias))], 1)
+    return model.head.mlp(F.layer_norm(f, (f.shape[1],), model.head.norm.weight, model.head.norm.bias))
 
 
 def test_shape_grad_and_seed_configuration():
