@@ -181,6 +181,9 @@ def time_components(runner: Runner, reps: int) -> dict[str, float]:
     out["EMA.update"] = med(lambda: runner.ema.update(model, 10_000))
     out["Dashboard.update"] = med(lambda: runner.dash.update(5, loss=0.1))
     out["AdamW.step (for scale)"] = med(runner.opt.step)
+    params = [p.detach() for p in model.parameters()]
+    copies = [torch.empty_like(p) for p in params]
+    out["copy of the weights (the floor of EMA)"] = med(lambda: torch._foreach_copy_(copies, params))
     if runner.monitors:
         out["GradNormMonitor.compute_tensor"] = med(runner.grad_mon.compute_tensor)
     runner.opt.zero_grad(set_to_none=True)
