@@ -9,6 +9,7 @@ the target ``i``; a message flows ``j -> i`` and the softmax runs over the edges
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -168,6 +169,24 @@ class GraphAttention(nn.Module):
             self.register_parameter("bias", None)
         self.reset_parameters()
 
+    def _check(self, edge_index: torch.Tensor, n: int, device: torch.device) -> None:
+        # The range check syncs with the host; a graph shared by every call (the usual case) is
+        # checked once and again only after it is modified in place (its version changes) or
+        # replaced. The weak reference never keeps a freed edge_index alive or mistakes another
+        # tensor at the same address for it.
+        seen = self.__dict__.get("_checked")
+        if (not torch.compiler.is_compiling() and isinstance(edge_index, torch.Tensor) and seen is not None
+                and seen[0]() is edge_index and seen[1:] == (edge_index._version, n, device)):
+            return
+        _check_edge_index(edge_index, n, device)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_checked"] = (weakref.ref(edge_index), edge_index._version, n, device)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_checked", None)  # a weak reference does not pickle (torch.save(module), deepcopy)
+        return state
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         _glorot_(self.lin.weight, generator)
         _glorot_(self.att_src, generator)
@@ -181,7 +200,7 @@ class GraphAttention(nn.Module):
         if x.dim() not in (2, 3) or x.shape[-1] != self.in_dim:
             raise ValueError(f"x: expected (B, N, {self.in_dim}) or (N, {self.in_dim}), got {tuple(x.shape)}")
         n = x.shape[-2]
-        _check_edge_index(edge_index, n, x.device)
+        self._check(edge_index, n, x.device)
         # Node-major layout (N, B, ...): the per-edge gathers and scatters are index_select /
         # index_add on dim 0, moving contiguous rows of B * H * C values.
         xn = x.unsqueeze(1) if x.dim() == 2 else x.transpose(0, 1)

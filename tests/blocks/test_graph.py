@@ -280,3 +280,29 @@ def test_compiles():
     x = torch.randn(2, 10, 4, generator=g)
     compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, edge_index), conv(x, edge_index))
+
+
+def test_a_shared_edge_index_is_range_checked_once_until_it_changes(monkeypatch):
+    import blockyard.blocks.graph as graph_mod
+
+    calls = []
+    real = graph_mod._check_edge_index
+    monkeypatch.setattr(graph_mod, "_check_edge_index", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    layer = GraphAttention(4, 3)
+    x = torch.randn(2, 5, 4)
+    edges = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])
+    for _ in range(3):
+        layer(x, edges)
+    assert len(calls) == 1  # one host sync for a graph reused every call
+    edges[1, 3] = 7  # modified in place: checked again, and the bad index is caught
+    with pytest.raises(ValueError, match="edge_index"):
+        layer(x, edges)
+    layer(x, edges.clone().clamp_(max=4))  # a new tensor: checked
+    layer(x[:, :4], torch.tensor([[0, 1], [1, 2]]))
+    assert len(calls) == 4
+    import copy
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(layer))  # the cached weak reference is not pickled
+    torch.testing.assert_close(clone(x, edges.clamp(max=4)), layer(x, edges.clamp(max=4)))
+    copy.deepcopy(layer)
