@@ -1,0 +1,122 @@
+"""m-height example: the models assembled from blocks, and the training script end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mheight.models import MODELS, ResNetMoE, build_model, encode
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "mheight_moe.py"
+TIMEOUT = 300
+
+
+def batch(b=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(9, 4, 2), (10, 6, 4), (9, 5, 3), (10, 4, 6), (9, 6, 3)]
+    side = torch.tensor([shapes[i % len(shapes)] for i in range(b)], dtype=torch.float32)
+    matrix = torch.zeros(b, 6, 6)
+    for i, (n, k, _) in enumerate(side.long().tolist()):
+        matrix[i, :k, : n - k] = torch.rand(k, n - k, generator=g) * 200 - 100
+    return encode(matrix, side)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_models_map_p_and_side_to_one_value_per_row_and_train(name, one_thread):
+    torch.manual_seed(0)
+    net = build_model(name, base_channels=8, num_blocks=1)
+    x, side = batch()
+    out = net(x, side)
+    assert out.value.shape == (5,) and out.aux_loss.shape == ()
+    (out.value.square().mean() + out.aux_loss).backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= len(grads) // 2
+    net.eval()
+    other = side.clone()
+    other[:, 2] += 1.0  # a different m for the same code: the side parameters are used
+    assert not torch.allclose(net(x, side).value, net(x, other).value)
+
+
+def test_encode_scales_p_and_centres_the_side():
+    matrix = torch.full((2, 6, 6), 100.0)
+    side = torch.tensor([[9.0, 4.0, 2.0], [10.0, 6.0, 6.0]])
+    x, s = encode(matrix, side)
+    assert x.shape == (2, 1, 6, 6) and torch.all(x == 1.0)
+    torch.testing.assert_close(s, torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="matrix, side: expected"):
+        encode(torch.zeros(2, 6, 6), torch.zeros(2, 2))
+
+
+def test_moe_from_one_backbone_starts_as_that_backbone(one_thread):
+    """All experts are copies, gate weights sum to 1: the MoE's output is the backbone's at the start."""
+    torch.manual_seed(0)
+    resnet = build_model("resnet", base_channels=8, num_blocks=1).eval()
+    moe = ResNetMoE.from_backbone(resnet.net).eval()
+    x, side = batch(8)
+    torch.testing.assert_close(moe(x, side).value, resnet(x, side).value, rtol=1e-5, atol=1e-5)
+    # the experts are independent copies, not shared modules
+    experts = moe.moe.experts
+    assert experts[0].stem[0].weight.data_ptr() != experts[1].stem[0].weight.data_ptr()
+
+
+def test_moe_gate_sees_only_n_and_k_and_selects_two_experts(one_thread):
+    torch.manual_seed(0)
+    moe = build_model("moe", base_channels=8, num_blocks=1).eval()
+    x, side = batch(6)
+    weights = moe.moe((x, side), gate_input=side[:, :2]).weights
+    assert torch.all((weights > 0).sum(1) == 2)
+    torch.testing.assert_close(weights.sum(1), torch.ones(6))
+    other = side.clone()
+    other[:, 2] = 0.7  # m changes, (n, k) does not: same routing
+    torch.testing.assert_close(moe.moe((x, other), gate_input=other[:, :2]).weights, weights)
+
+
+def run_script(out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(SCRIPT), "--smoke", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_metrics(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")} for line in lines]  # timings differ
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mheight")
+    return out, run_script(out, "--models", "fcn,resnet,moe", "--epochs", "2", "--moe-epochs", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_smoke_run_trains_every_model_and_reports_per_group(ddp_run):
+    out, proc = ddp_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert list(summary["results"]) == ["group mean", "fcn", "resnet", "moe"]
+    for name, result in summary["results"].items():
+        for split in ("val", "test"):
+            assert result[split]["overall"] >= 0 and len(result[split]["groups"]) == 21, (name, split)
+    assert [r["epoch"] for r in read_metrics(out / "moe" / "metrics.jsonl")] == [1, 2]
+    assert "validation Log2-MSE per group" in proc.stdout and "(10, 6, 4)" in proc.stdout
+    assert (out / "groups.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_killed_run_resumes_to_the_same_metrics(ddp_run, tmp_path):
+    reference = read_metrics(ddp_run[0] / "fcn" / "metrics.jsonl")
+    run_script(tmp_path, "--models", "fcn", "--epochs", "2", "--data", str(ddp_run[0] / "data"), "--stop-after", "1")
+    assert [r["epoch"] for r in read_metrics(tmp_path / "fcn" / "metrics.jsonl")] == [1]
+    proc = run_script(tmp_path, "--models", "fcn", "--epochs", "2", "--data", str(ddp_run[0] / "data"),
+                      "--resume", "auto")
+    assert "resumed from" in proc.stdout
+    assert read_metrics(tmp_path / "fcn" / "metrics.jsonl") == reference
