@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mheight.build_data import build
 from mheight.heights import GROUPS
-from mheight.models import MODELS, ResNetMoE, build_model, encode
+from mheight.models import MODELS, ResNetMoE, augment, build_model, encode
 
 from blockyard.blocks import count_parameters
 from blockyard.data import ShardDataset
@@ -61,17 +61,19 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/mheight")
     p.add_argument("--data", default=None, help="dataset directory (default OUT/data; built if missing)")
     p.add_argument("--models", default="resnet,moe", help=f"comma-separated, trained in order, from {MODELS}")
-    p.add_argument("--codes-per-group", type=int, default=None, help="codes per (n, k) (default 2000, 40 smoke)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every non-MoE model (default 30, 2 smoke)")
-    p.add_argument("--moe-epochs", type=int, default=None, help="MoE fine-tuning epochs (default 10, 2 smoke)")
+    p.add_argument("--codes-per-group", type=int, default=None, help="codes per (n, k) (default 8000, 40 smoke)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every non-MoE model (default 15, 2 smoke)")
+    p.add_argument("--moe-epochs", type=int, default=None, help="MoE fine-tuning epochs (default 6, 2 smoke)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch, split over the ranks (512, 64 smoke)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of the non-MoE models (seed: 3e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of the non-MoE models (seed: 3e-3)")
     p.add_argument("--moe-lr", type=float, default=3e-4, help="AdamW lr of the MoE fine-tuning")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup", type=float, default=0.05, help="warmup steps as a fraction of a model's steps")
+    p.add_argument("--augment", type=int, default=1, choices=[0, 1],
+                   help="random row/column permutations and sign flips of P (they leave every h_m unchanged)")
     p.add_argument("--aux-weight", type=float, default=0.0, help="weight of the gate's balance loss (seed: none)")
-    p.add_argument("--channels", type=int, default=64, help="ResNet width (seed's best 64)")
-    p.add_argument("--blocks", type=int, default=5, help="ResNet blocks (seed's best 5)")
+    p.add_argument("--channels", type=int, default=32, help="ResNet width (seed: 32 baseline, 64 best)")
+    p.add_argument("--blocks", type=int, default=3, help="ResNet blocks (seed: 3 baseline, 5 best)")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patience", type=int, default=8, help="early stopping on validation Log2-MSE")
@@ -81,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     args = p.parse_args(argv)
     smoke = args.smoke
-    for key, full, tiny in (("codes_per_group", 2000, 40), ("epochs", 30, 2), ("moe_epochs", 10, 2),
+    for key, full, tiny in (("codes_per_group", 8000, 40), ("epochs", 15, 2), ("moe_epochs", 6, 2),
                             ("batch_size", 512, 64)):
         if getattr(args, key) is None:
             setattr(args, key, tiny if smoke else full)
@@ -99,15 +101,16 @@ class _Stopped(Exception):
 
 
 class Split:
-    """One split in memory, encoded for the models: x (N,1,6,6), side (N,3), z (N,), group (N,)."""
+    """One split in memory: raw padded P (N, 6, 6), its true shape (N, 2), side (N, 3), z (N,), group (N,)."""
 
     def __init__(self, folder: Path, device: torch.device, mean: float | None = None, std: float | None = None):
         ds = ShardDataset(folder)
         self.log2h = ds.column("target").double().log2()
         self.mean = float(self.log2h.mean()) if mean is None else mean
         self.std = float(self.log2h.std()) if std is None else std
-        x, side = encode(ds.column("matrix").float(), ds.column("side").float())
-        self.x, self.side = x.to(device), side.to(device)
+        self.matrix = ds.column("matrix").float().to(device)
+        self.shape = ds.column("shape").long().to(device)  # true (k, n - k), for the augmentation
+        self.side = ds.column("side").float().to(device)
         self.z = ((self.log2h - self.mean) / self.std).float().to(device)
         self.group = ds.column("group").long().to(device)
         self.n = len(ds)
@@ -129,8 +132,9 @@ def predict(model: nn.Module, split: Split, device: torch.device, precision: str
     model.eval()
     outs = []
     for i in range(0, split.n, batch):
+        x, side = encode(split.matrix[i:i + batch], split.side[i:i + batch])
         with autocast(device, precision):
-            outs.append(model(split.x[i:i + batch], split.side[i:i + batch]).value.float())
+            outs.append(model(x, side).value.float())
     return torch.cat(outs) * split.std + split.mean
 
 
@@ -158,7 +162,7 @@ def train_model(name: str, model: nn.Module, train: Split, val: Split, epochs: i
         if is_main:
             print(f"{name}: resumed from {resumed['path']} (epoch {resumed['epoch']}, step {step})")
     log = MetricsLog(out / "metrics.jsonl", resume_step=start - 1 if resumed else None, is_main=is_main)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen, aug_gen = torch.Generator().manual_seed(args.seed), torch.Generator()
     dash = Dashboard(total, every_s=15, is_main=is_main, desc=f"{name} ")
     t0 = time.perf_counter()
     for epoch in range(start, epochs + 1):
@@ -167,12 +171,17 @@ def train_model(name: str, model: nn.Module, train: Split, val: Split, epochs: i
         gen.manual_seed(args.seed * 1000 + epoch)  # the same order on every rank, and after a resume
         order = torch.randperm(train.n, generator=gen)[: steps_per_epoch * per_rank * info.world_size]
         order = order.view(steps_per_epoch, info.world_size, per_rank)[:, info.rank].to(device)
+        aug_gen.manual_seed((args.seed * 1000 + epoch) * info.world_size + info.rank)
         ddp.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for rows in order:
             apply_lr(optimizer, warmup_cosine(step, total, warmup, lr, min_lr=0.01 * lr))
+            matrix = train.matrix[rows]
+            if args.augment:
+                matrix = augment(matrix, train.shape[rows], aug_gen)
+            x, side = encode(matrix, train.side[rows])
             with autocast(device, args.precision):
-                pred = ddp(train.x[rows], train.side[rows])
+                pred = ddp(x, side)
             loss = (pred.value.float() - train.z[rows]).square().mean()
             total_loss = loss + args.aux_weight * pred.aux_loss
             optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from mheight.models import MODELS, ResNetMoE, build_model, encode
+from mheight.heights import NK, mheights
+from mheight.models import MODELS, ResNetMoE, augment, build_model, encode
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "mheight_moe.py"
 TIMEOUT = 300
@@ -44,11 +46,34 @@ def test_models_map_p_and_side_to_one_value_per_row_and_train(name, one_thread):
 def test_encode_scales_p_and_centres_the_side():
     matrix = torch.full((2, 6, 6), 100.0)
     side = torch.tensor([[9.0, 4.0, 2.0], [10.0, 6.0, 6.0]])
+    matrix[1, 4:] = 0.0  # padding rows
+    matrix[0, 0, 0] = -100.0
     x, s = encode(matrix, side)
-    assert x.shape == (2, 1, 6, 6) and torch.all(x == 1.0)
+    assert x.shape == (2, 2, 6, 6)
+    assert x[0, 0, 0, 0] == -1.0 and torch.all(x[0, 0].flatten()[1:] == 1.0)
+    torch.testing.assert_close(x[0, 1], torch.full((6, 6), math.log2(100.0) / 7))  # sign-free log magnitude
+    assert torch.all(x[1, :, 4:] == 0)  # padding stays 0 in both channels
     torch.testing.assert_close(s, torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
     with pytest.raises(ValueError, match="matrix, side: expected"):
         encode(torch.zeros(2, 6, 6), torch.zeros(2, 2))
+
+
+def test_augment_is_a_symmetry_of_every_height_and_keeps_the_padding():
+    g = torch.Generator().manual_seed(1)
+    for n, k in NK:
+        P = torch.rand(6, k, n - k, dtype=torch.float64, generator=g) * 200 - 100
+        padded = torch.zeros(6, 6, 6, dtype=torch.float64)
+        padded[:, :k, : n - k] = P
+        shape = torch.tensor([[k, n - k]] * 6)
+        out = augment(padded, shape, torch.Generator().manual_seed(n * k))
+        assert torch.all(out[:, k:] == 0) and torch.all(out[:, :, n - k:] == 0)
+        assert not torch.equal(out, padded)  # it does move entries
+        torch.testing.assert_close(mheights(out[:, :k, : n - k]), mheights(P), rtol=1e-9, atol=0)
+        again = augment(padded, shape, torch.Generator().manual_seed(n * k))
+        assert torch.equal(out, again)  # reproducible from the generator (exact resume)
+    # a transposition of P is NOT a symmetry in general: the test above would catch a wrong op
+    P = torch.rand(1, 4, 5, dtype=torch.float64, generator=g) * 200 - 100
+    assert not torch.allclose(mheights(P[:, :, :4]), mheights(P[:, :, :4].transpose(1, 2)))
 
 
 def test_moe_from_one_backbone_starts_as_that_backbone(one_thread):
