@@ -29,7 +29,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,7 +37,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `fusion` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blockyard.data import GroupedStore, GroupedStoreWriter, balanced_indices, group_split, layer_index
+from blockyard.data import (
+    GroupedStore,
+    GroupedStoreWriter,
+    balanced_indices,
+    file_lock,
+    group_split,
+    layer_index,
+)
 from fusion.encoding import HISTORY, state_channels
 from fusion.grid import ZONE_PATTERNS
 from fusion.teacher import replay_steps, run_teacher
@@ -158,23 +164,6 @@ def _results(specs: list[TrajectorySpec], workers: int) -> Iterator[tuple[dict, 
             yield result
 
 
-@contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    # Two processes building the same directory would clobber each other: serialise them.
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: callers must not build concurrently
-        yield
-        return
-    with open(out / ".build.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _clear(out: Path) -> None:
     """Remove what an unfinished build may have left (only our own names)."""
     for name in (*SPLITS, ".train_unique", "trajectories.jsonl", "trajectories.jsonl.tmp", "splits.json",
@@ -258,7 +247,7 @@ def build_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int |
     args = {"smoke": bool(smoke), "seed": int(seed), "sizes": [list(s) for s in sizes], "patterns": list(patterns),
             "per_cell": per_cell, "iters": iters, "fractions": list(fractions), "max_factor": float(max_factor)}
     say = print if verbose else (lambda *a, **k: None)
-    with _lock(out):
+    with file_lock(out / ".build.lock"):  # two builders of one directory would clobber each other
         if (out / "build.json").exists():
             if not force:
                 raise FileExistsError(f"{out}: holds a finished build (build.json); pass force=True to rebuild it")
@@ -384,7 +373,7 @@ def ensure_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int 
     overwritten): rebuild it with ``build_dataset(..., force=True)``.
     """
     out = Path(out)
-    with _lock(out):
+    with file_lock(out / ".build.lock"):  # two builders of one directory would clobber each other
         finished = (out / "build.json").exists()
     if not finished:
         try:

@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `mheight` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blockyard.data import group_split, write_shard
+from blockyard.data import file_lock, group_split, write_shard
 from mheight.heights import GROUPS, NK, group_index, mheights
 
 __all__ = ["FORMAT", "HIGH", "LOW", "MAX_SHAPE", "SPLITS", "build", "format_table", "main"]
@@ -124,23 +123,6 @@ def _rows(P: np.ndarray, h: np.ndarray, ids: np.ndarray, n: int, k: int) -> dict
             "code": np.repeat(ids, reps).astype(np.int64)}
 
 
-@contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    # Two processes building one directory would clobber each other: serialise them.
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: callers must not build concurrently
-        yield
-        return
-    with open(out / ".build.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _clear(out: Path) -> None:
     """Remove what an unfinished build may have left (only our own names)."""
     for name in (*SPLITS, "build.json.tmp"):
@@ -199,7 +181,7 @@ def build(out: str | os.PathLike, codes_per_group: int = 1000, seed: int = 0, wo
         if missing:
             raise ValueError(f"codes_per_group: {codes_per_group} codes leave split {split!r} of (n, k) = "
                              f"{NK[missing[0]]} empty; use more codes or larger fractions")
-    with _lock(out):
+    with file_lock(out / ".build.lock"):  # two builders of one directory would clobber each other
         if (out / "build.json").exists():
             summary = json.loads((out / "build.json").read_text())
             if summary.get("format") != FORMAT or summary.get("settings") != settings:

@@ -2,6 +2,7 @@
 
 from .balance import Split, balanced_indices, group_split, layer_index, stratified_split
 from .binning import BinnedTargets, bin_index, freedman_diaconis_edges
+from .lock import file_lock
 from .padded import PAD_MASK, PaddedDataset
 from .samplers import BucketBatchSampler
 from .shards import ShardDataset, write_shard
@@ -21,6 +22,7 @@ __all__ = [
     "StoreGroup",
     "balanced_indices",
     "bin_index",
+    "file_lock",
     "freedman_diaconis_edges",
     "group_split",
     "layer_index",

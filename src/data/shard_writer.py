@@ -5,13 +5,12 @@ side parameters, targets, extras) and updates the folder's ``index.json`` under 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,8 @@ import numpy as np
 import torch
 
 from ._safetensors import DTYPES, CorruptedStoreError, encode_header, fsync_dir, to_numpy
+from .lock import file_lock
 from .padded import PAD_MASK
-
-try:  # serialises index updates between processes; absent on Windows
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["write_shard"]
 
@@ -92,18 +87,6 @@ def _pad_mask(shapes: torch.Tensor, K: int, N: int) -> torch.Tensor:
     rows = torch.arange(K)[None, :, None] >= shapes[:, 0, None, None]
     cols = torch.arange(N)[None, None, :] >= shapes[:, 1, None, None]
     return rows | cols
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    with open(folder / LOCK, "a") as fh:
-        if fcntl is not None:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -182,7 +165,7 @@ def write_shard(folder: str | os.PathLike, matrices: Any, side: Any, targets: An
             raise ValueError(f"name: expected a plain file name of letters, digits, '_', '-', '.', got {name!r}")
 
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder):
+    with file_lock(folder / LOCK):
         index = _read_index(folder) if (folder / INDEX).exists() else {
             "format": FORMAT, "version": 1, "num_samples": 0, "fields": schema, "shards": []}
         for key in sorted(set(schema) | set(index["fields"])):
