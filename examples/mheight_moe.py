@@ -38,7 +38,7 @@ from mheight.heights import GROUPS
 from mheight.models import MODELS, ResNetMoE, augment, build_model, encode
 
 from blockyard.blocks import count_parameters
-from blockyard.data import ShardDataset
+from blockyard.data import ShardDataset, rank_batches
 from blockyard.train import (
     CheckpointManager,
     Dashboard,
@@ -162,15 +162,14 @@ def train_model(name: str, model: nn.Module, train: Split, val: Split, epochs: i
         if is_main:
             print(f"{name}: resumed from {resumed['path']} (epoch {resumed['epoch']}, step {step})")
     log = MetricsLog(out / "metrics.jsonl", resume_step=start - 1 if resumed else None, is_main=is_main)
-    gen, aug_gen = torch.Generator().manual_seed(args.seed), torch.Generator()
+    aug_gen = torch.Generator()
     dash = Dashboard(total, every_s=15, is_main=is_main, desc=f"{name} ")
     t0 = time.perf_counter()
     for epoch in range(start, epochs + 1):
         if stopper.stopped:
             break
-        gen.manual_seed(args.seed * 1000 + epoch)  # the same order on every rank, and after a resume
-        order = torch.randperm(train.n, generator=gen)[: steps_per_epoch * per_rank * info.world_size]
-        order = order.view(steps_per_epoch, info.world_size, per_rank)[:, info.rank].to(device)
+        # the same permutation on every rank and after a resume; each rank its own slice of every batch
+        order = rank_batches(train.n, per_rank, epoch, args.seed, info.rank, info.world_size).to(device)
         aug_gen.manual_seed((args.seed * 1000 + epoch) * info.world_size + info.rank)
         ddp.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -4,7 +4,7 @@ from .balance import Split, balanced_indices, group_split, layer_index, stratifi
 from .binning import BinnedTargets, bin_index, freedman_diaconis_edges
 from .lock import file_lock
 from .padded import PAD_MASK, PaddedDataset
-from .samplers import BucketBatchSampler
+from .samplers import BucketBatchSampler, rank_batches
 from .shards import ShardDataset, write_shard
 from .store import CorruptedStoreError, GroupedStore, StoreGroup
 from .store_writer import GroupedStoreWriter
@@ -26,6 +26,7 @@ __all__ = [
     "freedman_diaconis_edges",
     "group_split",
     "layer_index",
+    "rank_batches",
     "stratified_split",
     "write_shard",
 ]

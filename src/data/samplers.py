@@ -5,9 +5,10 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
-__all__ = ["BucketBatchSampler"]
+__all__ = ["BucketBatchSampler", "rank_batches"]
 
 
 def _group_codes(groups: Any) -> np.ndarray:
@@ -96,3 +97,34 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._all_batches()[self.rank::self.world_size]:
             yield batch.tolist()
+
+
+def rank_batches(num_samples: int, batch_size: int, epoch: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> torch.Tensor:
+    """This rank's batches of one shuffled epoch over an in-memory dataset, as an index tensor.
+
+    All ranks draw the same permutation, seeded by ``seed * 1000 + epoch`` (so the order survives a resume
+    and needs no communication), cut it into ``steps`` global batches of ``world_size *
+    batch_size`` rows (the remainder is dropped, so every rank takes the same number of steps),
+    and rank ``r`` takes the ``r``-th slice of every global batch: ranks never share a row.
+
+    Args:
+        num_samples: rows in the dataset.
+        batch_size: rows per batch per rank.
+        epoch: the epoch, part of the seed.
+        seed: the run's seed.
+        rank, world_size: this process and the number of processes.
+
+    Shapes:
+        - output: ``(steps, batch_size)`` int64 with ``steps = num_samples // (world_size * batch_size)``
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"batch_size, rank, world_size: expected >= 1 and 0 <= rank < world_size, got "
+                         f"{batch_size}, {rank}, {world_size}")
+    steps = num_samples // (world_size * batch_size)
+    if steps < 1:
+        raise ValueError(f"batch_size: {world_size} ranks x {batch_size} rows is more than the "
+                         f"{num_samples} samples")
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(num_samples, generator=gen)[: steps * world_size * batch_size]
+    return order.view(steps, world_size, batch_size)[:, rank]

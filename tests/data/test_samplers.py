@@ -2,10 +2,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockyard.data import BucketBatchSampler
+from blockyard.data import BucketBatchSampler, rank_batches
 
 
 def run_epoch(groups, world_size, epoch=0, **kw):
@@ -99,3 +100,20 @@ def test_invariants_hold_for_any_configuration(sizes, batch_size, world_size, dr
         assert sorted(counts) == list(range(len(groups))) and set(counts.values()) == {1}
     else:
         assert set(counts) == set(range(len(groups)))  # padding repeats, never skips
+
+
+def test_rank_batches_are_disjoint_equal_and_reproducible():
+    per_rank = [rank_batches(103, 5, epoch=3, seed=7, rank=r, world_size=3) for r in range(3)]
+    assert all(b.shape == (6, 5) for b in per_rank)  # 103 // 15 = 6 steps on every rank
+    rows = torch.cat([b.flatten() for b in per_rank])
+    assert len(set(rows.tolist())) == 90 and rows.min() >= 0 and rows.max() < 103  # no row shared
+    for step in range(6):  # each global batch is one contiguous slice of one permutation
+        joined = torch.cat([b[step] for b in per_rank])
+        perm = torch.randperm(103, generator=torch.Generator().manual_seed(7 * 1000 + 3))
+        assert torch.equal(joined, perm[step * 15:(step + 1) * 15])
+    assert torch.equal(rank_batches(103, 5, 3, 7, 1, 3), per_rank[1])  # same call, same batches
+    assert not torch.equal(rank_batches(103, 5, 4, 7, 1, 3), per_rank[1])  # next epoch reshuffles
+    with pytest.raises(ValueError, match="batch_size"):
+        rank_batches(10, 6, 0, world_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        rank_batches(10, 2, 0, rank=2, world_size=2)

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from mheight.heights import NK, mheights
 from mheight.models import MODELS, ResNetMoE, augment, build_model, encode
+from torchrun_helpers import read_metrics, run_example
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "mheight_moe.py"
 TIMEOUT = 300
@@ -100,18 +99,8 @@ def test_moe_gate_sees_only_n_and_k_and_selects_two_experts(one_thread):
     torch.testing.assert_close(moe.moe((x, other), gate_input=other[:, :2]).weights, weights)
 
 
-def run_script(out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(SCRIPT), "--smoke", "--out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def read_metrics(path: Path) -> list[dict]:
-    lines = path.read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")} for line in lines]  # timings differ
+def run_script(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_example(SCRIPT, out, *extra, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
