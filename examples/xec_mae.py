@@ -1,0 +1,372 @@
+"""XEC calorimeter: FCMAE-pretrained ConvNeXt-V2 / graph-attention encoder, fine-tuned to regress the source.
+
+System: the MEG II XEC liquid-xenon calorimeter's ML pipeline (../shared/seeds/004_d447c9425ac27efa.txt,
+facts in ../shared/research/seed_xec.md). 4760 photo-sensors on six faces see the scintillation
+light of a point source; examples/xec/ builds the geometry and a synthetic event generator
+(Poisson photon counts, times with jitter and a validity threshold, 1 % dead channels). The
+encoder (examples/xec/model.py) reads each image face with a masked ConvNeXt-V2 CNN, the two hex
+faces with graph attention, and fuses seven face tokens with a transformer.
+
+The run, in stages (each with its own metrics.jsonl and checkpoints under --out):
+
+1. ``pretrain``: FCMAE masked autoencoding. 60 % of the live sensors of every event are hidden
+   (``random_mask`` with valid = not dead); the encoder sees only the rest (hidden and dead sensors
+   masked), the decoder reconstructs normalised npho, the loss counts the hidden live sensors only.
+2. ``finetune``: regression of (u, v, w, energy, t0), standardised, from the pretrained encoder,
+   with an EMA of the weights used for validation and the test (the seed's regressor recipe).
+3. ``scratch``: the same model and recipe from a random init for the same number of steps, so the
+   run says whether pretraining helped.
+
+The test table gives per-target resolution (RMSE and the 68 % half-width of |residual|, the seed's
+metric) for the training-mean predictor, classical estimators (calibrated npho centroid, total npho,
+time-of-flight-corrected mean time) and both networks.
+
+    python examples/xec_mae.py --smoke
+    torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --out /tmp/xec_run
+    torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --resume auto
+    torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --labeled 512 --epochs 16   # few labels
+
+The default run (4096 events, 2 + 2 + 2 epochs of 128 steps of 32 events) takes about 9 minutes
+with 2 processes on 2 busy CPU cores.
+
+Writes to --out: <stage>/metrics.jsonl and <stage>/checkpoints, summary.json, predictions.png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from xec.batches import Classical, Split, resolution
+from xec.events import TARGET_NAMES
+from xec.geometry import build_geometry
+from xec.mae import XECMAE, mae_loss
+from xec.model import XECEncoder, XECRegressor
+
+from blockyard.blocks import count_parameters, random_mask
+from blockyard.data import rank_batches
+from blockyard.train import (
+    EMA,
+    CheckpointManager,
+    Dashboard,
+    EarlyStopping,
+    GradientAccumulator,
+    MetricsLog,
+    all_reduce_sum,
+    apply_lr,
+    autocast,
+    clip_gradients,
+    is_distributed,
+    seed_everything,
+    setup_distributed,
+    teardown_distributed,
+    warmup_cosine,
+    wrap_ddp,
+)
+
+UNITS = {"u": "cm", "v": "cm", "w": "cm", "energy": "MeV", "t0": "ns"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/xec")
+    p.add_argument("--train-events", type=int, default=None, help="default 4096 (smoke 32)")
+    p.add_argument("--labeled", type=int, default=None,
+                   help="label only the first N training events for fine-tune/scratch (default all)")
+    p.add_argument("--val-events", type=int, default=None, help="default 512 (smoke 16)")
+    p.add_argument("--test-events", type=int, default=None, help="default 1024 (smoke 16)")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="FCMAE epochs (default 2)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tune and scratch epochs (default 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="global micro-batch, split over ranks (32, smoke 8)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of fine-tune and scratch")
+    p.add_argument("--mae-lr", type=float, default=1e-3, help="AdamW lr of the pretraining")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="seed regressor: 1e-4")
+    p.add_argument("--mae-weight-decay", type=float, default=5e-5, help="seed MAE: 5e-5")
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup steps as a fraction of a stage's steps")
+    p.add_argument("--mask-ratio", type=float, default=0.6, help="hidden fraction of the live sensors (seed 0.6)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the regressors (seed 0.999, warmup on)")
+    p.add_argument("--dim", type=int, default=None, help="CNN width (default 32, smoke 8)")
+    p.add_argument("--depth", type=int, default=2, help="ConvNeXt-V2 blocks per image face (smoke 1)")
+    p.add_argument("--token-dim", type=int, default=None, help="face token width (default 64, smoke 16)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 default: bf16 autocast measured 2x slower than fp32 on this CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=int, default=10, help="early stopping on the validation loss")
+    p.add_argument("--resume", default=None, choices=[None, "auto"], help="'auto': continue from OUT's checkpoints")
+    p.add_argument("--smoke", action="store_true", help="tiny data and model, seconds")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    for key, full, tiny in (("train_events", 4096, 32), ("val_events", 512, 16), ("test_events", 1024, 16),
+                            ("pretrain_epochs", 2, 2), ("epochs", 2, 2), ("batch_size", 32, 8),
+                            ("dim", 32, 8), ("token_dim", 64, 16)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if smoke else full)
+    if smoke:
+        args.depth = 1
+    return args
+
+
+class _Stopped(Exception):
+    """``--stop-after``: end the run right after a checkpoint, as a kill would."""
+
+
+def shard(n: int, info) -> torch.Tensor:
+    """This rank's rows of an evaluation split: every row once over all ranks."""
+    return torch.arange(info.rank, n, info.world_size)
+
+
+@torch.no_grad()
+def predict(model, split: Split, info, precision: str, batch: int = 64) -> torch.Tensor:
+    """Standardised predictions ``(n, 5)`` for every row, computed sharded and gathered on every rank."""
+    model.eval()
+    rows = shard(split.n, info)
+    outs = [torch.zeros(0, 5, device=info.device)]
+    for i in range(0, rows.numel(), batch):
+        r = rows[i:i + batch].to(info.device)
+        with autocast(info.device, precision):
+            outs.append(model(split.x[r], split.dead.expand(r.numel(), -1)).float())
+    mine = torch.cat(outs)
+    if not is_distributed():
+        return mine
+    size = math.ceil(split.n / info.world_size)
+    padded = torch.cat([mine, mine.new_zeros(size - mine.shape[0], 5)])
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(split.n, 5, device=info.device)
+    for rank, part in enumerate(parts):
+        out[rank::info.world_size] = part[: len(range(rank, split.n, info.world_size))]
+    return out
+
+
+@torch.no_grad()
+def validate_mae(model, split: Split, info, args, sensor_mean: torch.Tensor) -> dict:
+    """Masked MSE of the reconstruction on fixed masks, and of the per-sensor training mean."""
+    model.eval()
+    gen = torch.Generator().manual_seed(10_000 + args.seed)
+    masks = random_mask(split.n, split.dead.numel(), args.mask_ratio, valid=~split.dead.expand(split.n, -1).cpu(),
+                        generator=gen).to(info.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # model sq. error, mean sq. error, count
+    rows = shard(split.n, info).to(info.device)
+    for i in range(0, rows.numel(), 64):
+        r = rows[i:i + 64]
+        mask = masks[r]
+        with autocast(info.device, args.precision):
+            recon = model(split.x[r], mask | split.dead).recon
+        target = split.npho[r]
+        sums += torch.stack([((recon - target).square() * mask).sum(), ((sensor_mean - target).square() * mask).sum(),
+                             mask.sum()]).double()
+    sums = all_reduce_sum(sums)
+    return {"val_loss": float(sums[0] / sums[2]), "val_sensor_mean_mse": float(sums[1] / sums[2])}
+
+
+def train_stage(name: str, model, train: Split, epochs: int, lr: float, weight_decay: float, args, info,
+                step_loss, validate, ema: EMA | None = None) -> dict:
+    """One stage: AdamW + warmup-cosine + accumulation + clipping (+ EMA), validation and a checkpoint
+    per epoch, early stopping; resumes from its checkpoints; ends with the best weights loaded."""
+    device, is_main = info.device, info.is_main
+    out = Path(args.out) / name
+    ddp = wrap_ddp(model, info, forward_sync_buffers=False)  # constant index buffers
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    per_rank = max(1, args.batch_size // info.world_size)
+    micro_per_epoch = train.n // (per_rank * info.world_size)  # drop_last: every rank the same count
+    if micro_per_epoch < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} is larger than the training split ({train.n} events)")
+    accumulator = GradientAccumulator(args.accum, num_batches=micro_per_epoch)
+    total = epochs * accumulator.steps_per_epoch()
+    warmup = min(int(args.warmup * total), total - 1)
+    stopper = EarlyStopping(args.patience)
+    ckpt = CheckpointManager(out / "checkpoints", keep_last=1, is_main=is_main)
+    state = {"model": model, "optimizer": optimizer, "stopper": stopper, **({"ema": ema} if ema else {})}
+    start, step = 1, 0
+    resumed = ckpt.load_latest(state) if args.resume == "auto" else None
+    if resumed is not None:
+        start, step = resumed["epoch"] + 1, resumed["opt_step"]
+        if is_main:
+            print(f"{name}: resumed from {resumed['path']} (epoch {resumed['epoch']}, step {step})")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start - 1 if resumed else None, is_main=is_main)
+    dash = Dashboard(total, every_s=15, is_main=is_main, desc=f"{name} ")
+    t0 = time.perf_counter()
+    for epoch in range(start, epochs + 1):
+        if stopper.stopped:
+            break
+        # the same permutation on every rank and after a resume; each rank its own slice of every batch
+        order = rank_batches(train.n, per_rank, epoch, args.seed, info.rank, info.world_size).to(device)
+        mask_gen = torch.Generator().manual_seed((args.seed * 1000 + epoch) * 64 + info.rank)  # per rank, per epoch
+        ddp.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for i, rows in enumerate(order):
+            with accumulator.sync_context(ddp, i) as micro:
+                loss = step_loss(ddp, rows, mask_gen)
+                accumulator.backward(loss)
+            loss_sum += loss.detach().double()
+            if not micro.step:
+                continue
+            apply_lr(optimizer, warmup_cosine(step, total, warmup, lr, min_lr=0.01 * lr))
+            clip_gradients(model.parameters(), value=1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if ema is not None:
+                ema.update(model, step)
+            dash.update(step, epoch=epoch, loss=loss.detach())
+        record = {"epoch": epoch, "opt_step": step, "lr": optimizer.param_groups[0]["lr"],
+                  "train_loss": float(all_reduce_sum(loss_sum)) / (micro_per_epoch * info.world_size),
+                  **validate(ema.module if ema is not None else model), "time_s": time.perf_counter() - t0}
+        log.log(epoch, **record)  # before the checkpoint, so a resumed log equals an uninterrupted one
+        dash.write(f"{name} epoch {epoch}/{epochs}: train {record['train_loss']:.4f} val {record['val_loss']:.4f}")
+        stopper.step(record["val_loss"])  # every rank computed the same validation: same decision
+        ckpt.save(epoch, {**state, "epoch": epoch, "opt_step": step}, metric=record["val_loss"])
+        if args.stop_after is not None and epoch >= args.stop_after:
+            raise _Stopped
+    dash.close()
+    records = log.read() if is_main else []
+    log.close()
+    best = ckpt.load_best({"model": model, **({"ema": ema} if ema else {})})  # every rank: same weights
+    return {"parameters": count_parameters(model), "best_epoch": best["epoch"] if best else None,
+            "epochs_run": len(records), "opt_steps": step, "train_time_s": time.perf_counter() - t0,
+            "final": records[-1] if records else None}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = setup_distributed()
+    device, is_main = info.device, info.is_main
+    out = Path(args.out)
+    say = print if is_main else (lambda *a, **k: None)
+    seed_everything(args.seed)
+    run_start = time.perf_counter()
+
+    # --- data: every rank generates the same events in memory (disjoint seeds per split) ----------
+    geometry = build_geometry()
+    t0 = time.perf_counter()
+    unlabeled = Split(args.train_events, geometry, seed=3 * args.seed + 1)  # the MAE needs no labels
+    train = unlabeled if args.labeled is None else unlabeled.head(args.labeled)  # regression: labelled part
+    val = Split(args.val_events, geometry, 3 * args.seed + 2, train.mean, train.std)
+    test = Split(args.test_events, geometry, 3 * args.seed + 3, train.mean, train.std)
+    classical = Classical(geometry, train)
+    for split in {id(part): part for part in (unlabeled, train, val, test)}.values():
+        split.to(device)
+    sensor_mean = unlabeled.npho.mean(0)
+    say(f"events: train {unlabeled.n} ({train.n} labelled), val {val.n}, test {test.n} generated in "
+        f"{time.perf_counter() - t0:.1f} s; {int(train.dead.sum())} dead sensors; world {info.world_size} on "
+        f"{device}, {args.precision}")
+    geometry = geometry.to(device)
+    per_rank_batch = max(1, args.batch_size // info.world_size)
+    kw = {"dim": args.dim, "depth": args.depth, "token_dim": args.token_dim, "hex_dim": max(8, args.token_dim // 2)}
+
+    def regression_loss(ddp, rows, _gen):
+        with autocast(device, args.precision):
+            pred = ddp(train.x[rows], train.dead.expand(rows.numel(), -1))
+        return (pred.float() - train.z[rows]).square().mean()
+
+    def mae_step(ddp, rows, gen):
+        hidden = random_mask(rows.numel(), unlabeled.dead.numel(), args.mask_ratio,
+                             valid=~unlabeled.dead.expand(rows.numel(), -1).cpu(), generator=gen).to(device)
+        with autocast(device, args.precision):
+            recon = ddp(unlabeled.x[rows], hidden | unlabeled.dead).recon
+        return mae_loss(recon, unlabeled.npho[rows], hidden)
+
+    def validate_regression(model):
+        z = predict(model, val, info, args.precision)
+        return {"val_loss": float((z - val.z).square().mean()),
+                **{f"val_mse_{n}": float((z[:, k] - val.z[:, k]).square().mean()) for k, n in enumerate(TARGET_NAMES)}}
+
+    results, stages, predictions = {}, {}, {}
+    try:
+        # --- stage 1: FCMAE pretraining -------------------------------------------------------------
+        torch.manual_seed(args.seed + 1)
+        mae = XECMAE(XECEncoder(geometry, **kw), geometry).to(device)
+        stages["pretrain"] = train_stage("pretrain", mae, unlabeled, args.pretrain_epochs, args.mae_lr,
+                                         args.mae_weight_decay, args, info, mae_step,
+                                         lambda m: validate_mae(m, val, info, args, sensor_mean))
+        say(f"pretrain: {stages['pretrain']['parameters']:,} parameters, val masked MSE "
+            f"{stages['pretrain']['final']['val_loss'] if is_main else 0:.5f}")
+        # --- stages 2 and 3: fine-tune from the pretrained encoder, and from scratch ----------------
+        for name in ("finetune", "scratch"):
+            torch.manual_seed(args.seed + 2)  # same head init for both
+            encoder = copy.deepcopy(mae.encoder) if name == "finetune" else XECEncoder(geometry, **kw)
+            model = XECRegressor(encoder).to(device)
+            ema = EMA(model, decay=args.ema)
+            stages[name] = train_stage(name, model, train, args.epochs, args.lr, args.weight_decay, args, info,
+                                       regression_loss, validate_regression, ema=ema)
+            z = predict(ema.module, test, info, args.precision)
+            predictions[name] = (z * train.std + train.mean).cpu()
+            results[name] = resolution(predictions[name], test.targets)
+            say(f"{name}: {stages[name]['parameters']:,} parameters, best epoch {stages[name]['best_epoch']}, "
+                f"{stages[name]['train_time_s']:.0f} s")
+    except _Stopped:
+        teardown_distributed()
+        return
+
+    # --- report -------------------------------------------------------------------------------------
+    results = {"train mean": resolution(train.mean.expand(test.n, -1), test.targets),
+               "classical": resolution(classical.predict(test.events), test.targets.cpu()), **results}
+    if is_main:
+        names = list(results)
+        header = f"{'target':<14}" + "".join(f"{n:>22}" for n in names)
+        lines = [f"test resolution, RMSE / 68% half-width of |residual| ({test.n} events, lower is better)",
+                 header, "-" * len(header)]
+        for t in TARGET_NAMES:
+            cells = [f"{results[n][t]['rmse']:.3g} / {results[n][t]['res68']:.3g}" for n in names]
+            lines.append(f"{t + ' [' + UNITS[t] + ']':<14}" + "".join(f"{c:>22}" for c in cells))
+        better = [t for t in TARGET_NAMES if results["finetune"][t]["rmse"] < results["scratch"][t]["rmse"]]
+        lines.append(f"fine-tuned beats scratch (test RMSE) on {len(better)}/5 targets: {', '.join(better) or 'none'}")
+        pre = stages["pretrain"]["final"]
+        lines.append(f"\npretraining: val masked MSE {pre['val_loss']:.5f} (per-sensor training mean "
+                     f"{pre['val_sensor_mean_mse']:.5f}); fine-tune vs scratch val loss (EMA, standardised MSE): "
+                     f"{stages['finetune']['final']['val_loss']:.4f} vs {stages['scratch']['final']['val_loss']:.4f}")
+        table = "\n".join(lines)
+        print("\n" + table)
+        wall = time.perf_counter() - run_start
+        summary = {"args": vars(args), "world_size": info.world_size, "device": str(device),
+                   "events": {"train": unlabeled.n, "labeled": train.n, "val": val.n, "test": test.n},
+                   "per_rank_batch": per_rank_batch,
+                   "stages": stages, "results": results, "finetune_better_than_scratch": better, "table": table,
+                   "wall_time_s": wall}
+        predictions["classical"] = classical.predict(test.events)
+        plot = plot_predictions(predictions, test.targets.cpu(), out / "predictions.png")
+        if plot is not None:
+            summary["plots"] = [str(plot)]
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"\nwrote {out / 'summary.json'} (wall time {wall:.0f} s)")
+    teardown_distributed()
+
+
+def plot_predictions(predictions: dict, true: torch.Tensor, path: Path) -> Path | None:
+    """Predicted vs true on the test split, one panel per target (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(TARGET_NAMES), figsize=(4 * len(TARGET_NAMES), 4))
+    for k, (ax, t) in enumerate(zip(axes, TARGET_NAMES)):
+        for name, pred in predictions.items():
+            if not torch.isnan(pred[:, k]).all():
+                ax.scatter(true[:, k], pred[:, k], s=3, alpha=0.4, label=name)
+        lo, hi = float(true[:, k].min()), float(true[:, k].max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set_xlabel(f"true {t} [{UNITS[t]}]")
+        ax.set_ylabel(f"predicted {t}")
+    axes[0].legend(markerscale=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""XEC example: the encoder / regressor / FCMAE model assembled from blocks, and the script end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torchrun_helpers import read_metrics, run_example
+from xec.batches import Classical, Split, resolution
+from xec.events import generate
+from xec.geometry import build_geometry
+from xec.mae import XECMAE, mae_loss
+from xec.model import XECEncoder, XECRegressor, sensor_inputs
+
+from blockyard.blocks import random_mask
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "xec_mae.py"
+TIMEOUT = 300
+TINY = {"dim": 8, "depth": 1, "token_dim": 16, "hex_dim": 8, "fusion_depth": 1}
+
+
+@pytest.fixture(scope="module")
+def world():
+    geometry = build_geometry()
+    events = generate(4, geometry, torch.Generator().manual_seed(0))
+    return geometry, events, sensor_inputs(events.npho, events.time, events.time_mask)
+
+
+@pytest.fixture
+def mae(world):
+    torch.manual_seed(0)
+    geometry = world[0]
+    model = XECMAE(XECEncoder(geometry, **TINY), geometry).eval()
+    for p in model.parameters():  # leave the identity-at-init state: every branch must carry signal
+        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_sensor_inputs_zero_invalid_times_and_flag_them(world):
+    _, events, x = world
+    assert x.shape == (4, 3, 4760)
+    assert torch.all(x[:, 1][events.time_mask] == 0) and torch.all(x[:, 2] == (~events.time_mask).float())
+    torch.testing.assert_close(x[:, 0], (events.npho / 1000).sqrt())
+    with pytest.raises(ValueError, match="npho, time, time_mask: expected"):
+        sensor_inputs(events.npho[:, :10], events.time, events.time_mask)
+
+
+def test_regressor_and_mae_shapes_and_gradients(world, one_thread):
+    geometry, events, x = world
+    torch.manual_seed(0)
+    encoder = XECEncoder(geometry, **TINY)
+    reg = XECRegressor(encoder)
+    dead = events.dead.expand(4, -1)
+    out = reg(x, dead)
+    assert out.shape == (4, 5) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    mae = XECMAE(encoder, geometry)
+    hidden = random_mask(4, 4760, 0.6, valid=~dead, generator=torch.Generator().manual_seed(1))
+    result = mae(x, hidden | dead)
+    assert result.recon.shape == (4, 4760) and result.tokens.shape == (4, 7, 16)
+    mae_loss(result.recon, x[:, 0], hidden).backward()
+    grads = [p.grad for p in mae.parameters()]
+    # identity-at-init residual branches give only their last layer a gradient on step one, so not all
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= len(grads) // 2
+    with pytest.raises(ValueError, match="x: expected"):
+        reg(x[:, :2], dead)
+    with pytest.raises(ValueError, match="mask: expected bool"):
+        reg(x, dead.float())
+
+
+def test_masked_sensors_never_influence_the_encoder_or_the_reconstruction(world, mae, one_thread):
+    """Guarantee (model.py docstring): everything the encoder returns, hence the fused tokens, the
+    regression output and the whole MAE reconstruction (at visible AND masked sensors), is a function
+    of the visible sensors' inputs and of the mask only: overwriting all three input channels at the
+    masked sensors with anything (here noise, and huge values) changes no output bit. On the image
+    faces a feature cell is moreover exactly 0 when all its sensors are masked."""
+    _, events, x = world
+    dead = events.dead.expand(4, -1)
+    hidden = random_mask(4, 4760, 0.6, valid=~dead, generator=torch.Generator().manual_seed(2))
+    mask = hidden | dead
+    noisy = torch.where(mask.unsqueeze(1), 1e3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3)), x)
+    with torch.no_grad():
+        ref, per = mae.encoder(x, mask), mae.encoder(noisy, mask)
+        assert torch.equal(ref.tokens, per.tokens)
+        for a, b in zip(ref.faces, per.faces):
+            assert torch.equal(a.features, b.features) and torch.equal(a.token, b.token)
+            assert torch.all(a.features.masked_select(a.mask.unsqueeze(1)) == 0)
+        for a, b in zip(ref.hex_nodes, per.hex_nodes):
+            assert torch.equal(a, b)
+        assert torch.equal(mae(x, mask).recon, mae(noisy, mask).recon)
+        # control: the same perturbation without the mask reaches the output, so the test can fail
+        assert not torch.allclose(mae(x, torch.zeros_like(mask)).recon, mae(noisy, torch.zeros_like(mask)).recon)
+        # and one visible inner sensor does move the tokens
+        visible = int((~mask[0, :4092]).nonzero()[0])
+        bumped = x.clone()
+        bumped[0, 0, visible] += 1.0
+        assert not torch.equal(mae.encoder(bumped, mask).tokens[0], ref.tokens[0])
+
+
+def test_mae_loss_counts_only_masked_live_sensors(world, mae, one_thread):
+    _, events, x = world
+    dead = events.dead.expand(4, -1)
+    hidden = random_mask(4, 4760, 0.6, valid=~dead, generator=torch.Generator().manual_seed(4))
+    live = int((~events.dead).sum())
+    assert not (hidden & dead).any() and torch.all(hidden.sum(1) == round(0.6 * live))
+    recon = mae(x, hidden | dead).recon.detach().requires_grad_(True)
+    target = x[:, 0]
+    loss = mae_loss(recon, target, hidden)
+    naive = sum(float((recon[b, n].detach() - target[b, n]) ** 2) for b in range(4) for n in hidden[b].nonzero()[:, 0])
+    assert float(loss.detach()) == pytest.approx(naive / int(hidden.sum()), rel=1e-5)
+    # changing the target at visible or dead sensors changes nothing; at one hidden sensor it does
+    other = torch.where(hidden, target, torch.randn_like(target))
+    assert torch.equal(mae_loss(recon, other, hidden), loss)
+    moved = target.clone()
+    moved[0, int(hidden[0].nonzero()[0])] += 1.0
+    assert float(mae_loss(recon, moved, hidden).detach()) != float(loss.detach())
+    loss.backward()
+    assert torch.all(recon.grad[~hidden] == 0) and (recon.grad[hidden] != 0).float().mean() > 0.99
+
+
+def test_classical_estimators_beat_the_training_mean(one_thread):
+    geometry = build_geometry()
+    full, test = Split(300, geometry, seed=11), Split(100, geometry, seed=12)
+    train = full.head(200)  # a labelled subset: standardised by its own labels, events sliced alike
+    assert train.n == 200 and torch.equal(train.events.npho, full.events.npho[:200])
+    torch.testing.assert_close(train.z.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    est = resolution(Classical(geometry, train).predict(test.events), test.targets)
+    mean = resolution(train.mean.expand(100, -1), test.targets)
+    for name in ("u", "v", "energy", "t0"):
+        assert est[name]["rmse"] < 0.5 * mean[name]["rmse"], name
+    assert est["w"]["rmse"] != est["w"]["rmse"]  # no depth estimator: NaN, not a fake number
+
+
+def run_script(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_example(SCRIPT, out, *extra, timeout=TIMEOUT)
+
+
+STAGES = ("pretrain", "finetune", "scratch")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("xec")
+    return out, run_script(out, "--accum", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_smoke_run_pretrains_finetunes_and_reports(ddp_run):
+    out, proc = ddp_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert list(summary["results"]) == ["train mean", "classical", "finetune", "scratch"]
+    for name in ("finetune", "scratch"):
+        for target in ("u", "v", "w", "energy", "t0"):
+            assert summary["results"][name][target]["res68"] >= 0
+    for stage in STAGES:
+        records = read_metrics(out / stage / "metrics.jsonl")
+        assert [r["epoch"] for r in records] == [1, 2]
+        assert records[-1]["opt_step"] == 4  # 32 events / 8 per micro-batch = 4 micro-batches, accum 2, 2 epochs
+        assert (out / stage / "checkpoints").is_dir()
+    assert "val_sensor_mean_mse" in read_metrics(out / "pretrain" / "metrics.jsonl")[0]
+    assert "test resolution" in proc.stdout and "energy [MeV]" in proc.stdout
+    assert (out / "predictions.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_killed_run_resumes_to_the_same_metrics(ddp_run, tmp_path):
+    run_script(tmp_path, "--accum", "2", "--stop-after", "1")
+    assert [r["epoch"] for r in read_metrics(tmp_path / "pretrain" / "metrics.jsonl")] == [1]
+    assert not (tmp_path / "finetune").exists() and not (tmp_path / "summary.json").exists()
+    proc = run_script(tmp_path, "--accum", "2", "--resume", "auto")
+    assert "pretrain: resumed from" in proc.stdout
+    for stage in STAGES:
+        assert read_metrics(tmp_path / stage / "metrics.jsonl") == read_metrics(ddp_run[0] / stage / "metrics.jsonl")
+    ref = json.loads((ddp_run[0] / "summary.json").read_text())["table"]  # the results, as printed
+    assert json.loads((tmp_path / "summary.json").read_text())["table"] == ref
