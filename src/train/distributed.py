@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -139,10 +140,25 @@ def setup_distributed(
     return DistInfo(rank, local_rank, world_size, device, rank == 0)
 
 
+_TEARDOWN_PAUSE_S = 0.2
+
+
 def teardown_distributed() -> None:
-    """Destroy the default process group if there is one (call once, at the end of ``main``)."""
-    if is_distributed():
-        dist.destroy_process_group()
+    """Wait for every rank, then destroy the default process group (once, on every rank, at the end).
+
+    The final barrier and the pause after it, with the GIL released, work around a PyTorch
+    teardown deadlock seen twice in this project's 2-process gloo test runs (pytorch#56297):
+    DDP's reducer keeps a reference to the process group, so the group is destroyed later, from
+    a Python dealloc that holds the GIL, and its destructor joins the gloo worker threads; a
+    worker still releasing a finished collective's tensors needs the GIL and never returns. After
+    the pause the workers are idle, so the later destructor joins them at once. A no-op without
+    a process group.
+    """
+    if not is_distributed():
+        return
+    barrier()
+    time.sleep(_TEARDOWN_PAUSE_S)
+    dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
