@@ -44,6 +44,7 @@ from blockyard.data import (
     file_lock,
     group_split,
     layer_index,
+    write_json_atomic,
 )
 from fusion.encoding import HISTORY, state_channels
 from fusion.grid import ZONE_PATTERNS
@@ -177,15 +178,6 @@ def _clear(out: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -259,7 +251,7 @@ def build_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int |
         strata = cells if per_cell >= 10 else [c[0] for c in cells]  # too few per cell: per pattern
         parts = group_split([s.run_id for s in specs], fractions, seed=seed, strata=strata)
         split_of = {int(i): name for name, idx in zip(SPLITS, parts) for i in idx}
-        _write_json_atomic(out / "splits.json", {name: [specs[i].run_id for i in idx]
+        write_json_atomic(out / "splits.json", {name: [specs[i].run_id for i in idx]
                                                  for name, idx in zip(SPLITS, parts)})
         say(f"building {len(specs)} trajectories ({len(sizes)} sizes x {len(patterns)} patterns x {per_cell}) "
             f"with {workers} worker(s) into {out}")
@@ -302,7 +294,7 @@ def build_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int |
         shutil.rmtree(paths["train"])
         summary = _summary(out, args, workers, stats, layers, picks, time.perf_counter() - start)
         say(format_table(summary))
-        _write_json_atomic(out / "build.json", summary)  # last: its presence means "finished"
+        write_json_atomic(out / "build.json", summary)  # last: its presence means "finished"
     return summary
 
 

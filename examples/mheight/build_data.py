@@ -40,7 +40,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `mheight` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blockyard.data import file_lock, group_split, write_shard
+from blockyard.data import file_lock, group_split, write_json_atomic, write_shard
 from mheight.heights import GROUPS, NK, group_index, mheights
 
 __all__ = ["FORMAT", "HIGH", "LOW", "MAX_SHAPE", "SPLITS", "build", "format_table", "main"]
@@ -133,15 +133,6 @@ def _clear(out: Path) -> None:
             path.unlink()
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _check(codes_per_group: int, seed: int, workers: int, val_fraction: float, test_fraction: float) -> None:
     for name, value in (("codes_per_group", codes_per_group), ("workers", workers)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -212,7 +203,7 @@ def build(out: str | os.PathLike, codes_per_group: int = 1000, seed: int = 0, wo
         summary = {"format": FORMAT, "version": VERSION, "settings": settings, "workers": int(workers),
                    "rows": {s: sum(g["rows"][s] for g in groups) for s in SPLITS}, "codes": n_codes,
                    "groups": groups, "nk": nk_stats, "seconds": round(time.perf_counter() - tic, 3)}
-        _write_json_atomic(out / "build.json", summary)  # last: its presence means "finished"
+        write_json_atomic(out / "build.json", summary)  # last: its presence means "finished"
     return summary
 
 

@@ -1,5 +1,6 @@
 """Storage, datasets, samplers, splits and padding. Every name is re-exported flat here."""
 
+from .atomic import write_json_atomic
 from .balance import Split, balanced_indices, group_split, layer_index, stratified_split
 from .binning import BinnedTargets, bin_index, freedman_diaconis_edges
 from .lock import file_lock
@@ -28,5 +29,6 @@ __all__ = [
     "layer_index",
     "rank_batches",
     "stratified_split",
+    "write_json_atomic",
     "write_shard",
 ]

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._safetensors import DTYPES, CorruptedStoreError, encode_header, fsync_dir, to_numpy
+from ._safetensors import DTYPES, CorruptedStoreError, encode_header, to_numpy
+from .atomic import write_json_atomic
 from .lock import file_lock
 from .padded import PAD_MASK
 
@@ -204,13 +205,7 @@ def write_shard(folder: str | os.PathLike, matrices: Any, side: Any, targets: An
         index["shards"].append({"file": name, "count": S, "bytes": target.stat().st_size,
                                 "sha256": digest.hexdigest()})
         index["num_samples"] = sum(s["count"] for s in index["shards"])
-        tmp_index = folder / f".{INDEX}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp_index, "w") as fh:
-            json.dump(index, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_index, folder / INDEX)
-        fsync_dir(folder)
+        write_json_atomic(folder / INDEX, index)  # under the lock: one writer at a time
     return target
 
 
