@@ -116,14 +116,20 @@ class Split:
         self.n = len(ds)
 
 
+def group_means(values: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, k, m) mean of ``values`` (float64, 0 for an empty group) and each group's row count."""
+    group = group.cpu()
+    counts = torch.bincount(group, minlength=len(GROUPS)).double()
+    sums = torch.zeros(len(GROUPS), dtype=torch.float64).index_add_(0, group, values.double().cpu())
+    return sums / counts.clamp_min(1), counts
+
+
 def per_group_log2_mse(pred_log2h: torch.Tensor, split: Split) -> dict:
     """Overall and per-(n, k, m) Log2-MSE of predictions of log2 h (float64)."""
     err = (pred_log2h.double().cpu() - split.log2h).square()
-    group = split.group.cpu()
-    sums = torch.zeros(len(GROUPS), dtype=torch.float64).index_add_(0, group, err)
-    counts = torch.bincount(group, minlength=len(GROUPS)).double()
+    means, counts = group_means(err, split.group)
     return {"overall": float(err.mean()),
-            "groups": {str(g): float(s / c) for g, s, c in zip(GROUPS, sums, counts) if c > 0}}
+            "groups": {str(g): float(m) for g, m, c in zip(GROUPS, means, counts) if c > 0}}
 
 
 @torch.no_grad()
@@ -211,9 +217,7 @@ def train_model(name: str, model: nn.Module, train: Split, val: Split, epochs: i
 
 def group_mean_baseline(train: Split, split: Split) -> torch.Tensor:
     """Predict each (n, k, m) group's training mean of log2 h."""
-    sums = torch.zeros(len(GROUPS), dtype=torch.float64).index_add_(0, train.group.cpu(), train.log2h)
-    means = sums / torch.bincount(train.group.cpu(), minlength=len(GROUPS)).clamp_min(1).double()
-    return means[split.group.cpu()]
+    return group_means(train.log2h, train.group)[0][split.group.cpu()]
 
 
 def main(argv=None) -> None:
