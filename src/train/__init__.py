@@ -2,6 +2,7 @@
 
 from .accumulation import GradientAccumulator, MicroBatch
 from .checkpoint import CheckpointError, CheckpointManager, CorruptCheckpointWarning
+from .cli import CONTROL_FLAGS, add_common_args, kill_point, main_print, per_rank_batch, pyplot, run_config
 from .clipping import adaptive_clip_grad_, clip_gradients, unitwise_norm
 from .dashboard import Dashboard
 from .distributed import (
@@ -19,15 +20,20 @@ from .distributed import (
 )
 from .early_stopping import EarlyStopping
 from .ema import EMA
+from .gather import gather_rows, predict_rows, shard_rows
 from .metrics_log import MetricsLog, read_metrics
 from .monitors import ActivationMonitor, ActivationStats, GradNormMonitor, NonFiniteGuard
 from .precision import PRECISIONS, autocast, default_precision, make_grad_scaler, precision_dtype, scaler_step
+from .run import RUN_FILE, RunDir, RunFolderError
 from .schedules import Plateau, apply_lr, one_cycle, warmup_cosine
+from .stepper import Stepper
 from .sweeps import SweepSummary, seed_everything, sweep_summary
 
 __all__ = [
+    "CONTROL_FLAGS",
     "EMA",
     "PRECISIONS",
+    "RUN_FILE",
     "ActivationMonitor",
     "ActivationStats",
     "CheckpointError",
@@ -42,8 +48,12 @@ __all__ = [
     "MicroBatch",
     "NonFiniteGuard",
     "Plateau",
+    "RunDir",
+    "RunFolderError",
+    "Stepper",
     "SweepSummary",
     "adaptive_clip_grad_",
+    "add_common_args",
     "all_ranks",
     "all_reduce_mean",
     "all_reduce_sum",
@@ -53,14 +63,22 @@ __all__ = [
     "barrier",
     "clip_gradients",
     "default_precision",
+    "gather_rows",
     "is_distributed",
+    "kill_point",
+    "main_print",
     "make_grad_scaler",
     "one_cycle",
+    "per_rank_batch",
     "precision_dtype",
+    "predict_rows",
+    "pyplot",
     "read_metrics",
+    "run_config",
     "scaler_step",
     "seed_everything",
     "setup_distributed",
+    "shard_rows",
     "sweep_summary",
     "teardown_distributed",
     "unitwise_norm",

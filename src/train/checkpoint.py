@@ -25,7 +25,16 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from .manifest import CheckpointError, fsync_dir, read_file, read_manifest, read_record, write_file, write_manifest
+from .manifest import (
+    MANIFEST,
+    CheckpointError,
+    fsync_dir,
+    read_file,
+    read_manifest,
+    read_record,
+    write_file,
+    write_manifest,
+)
 from .rng import capture_rng_state, restore_rng_state
 from .serialize import pack, unpack
 from .stateful import capture_object, object_kind, restore_object
@@ -49,6 +58,11 @@ class _Info(NamedTuple):
     path: Path
     body: dict | None  # None when manifest.json is missing or damaged
     error: str
+
+
+def _ours(path: Path) -> bool:
+    """A ``step_*`` directory this manager wrote: it holds a manifest or the values file (every save writes both)."""
+    return path.is_dir() and ((path / MANIFEST).is_file() or (path / "_values.safetensors").is_file())
 
 
 def _dist_active() -> bool:
@@ -114,6 +128,21 @@ class CheckpointManager:
         """Steps of the checkpoints present (whose manifest is readable), oldest first."""
         return [i.step for i in self._scan() if i.body is not None]
 
+    def step_dirs(self) -> list[Path]:
+        """Every ``step_<digits>`` directory with a ``manifest.json``, intact or not, oldest first."""
+        return [i.path for i in self._scan()]
+
+    def intact_steps(self) -> list[int]:
+        """Steps of the checkpoints whose manifest and every file pass their checksums, oldest first."""
+        out = []
+        for info in self._scan():
+            try:
+                self.verify(info.path)
+            except CheckpointError:
+                continue
+            out.append(info.step)
+        return out
+
     # ------------------------------------------------------------------------------- save
     def save(self, step: int, state: Mapping[str, Any], metric: float | None = None,
              mode: str = "min") -> Path | None:
@@ -143,6 +172,9 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         final = self.directory / f"step_{step:08d}"
+        if final.exists() and not _ours(final):
+            raise CheckpointError(f"{final} exists and is not a checkpoint; it is left alone: "
+                                  "move it away or save into another directory")
         tmp = self.directory / f"{_LEFTOVER[0]}{step:08d}-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
@@ -316,8 +348,8 @@ class CheckpointManager:
         out = []
         for path in self.directory.iterdir():
             m = _STEP_DIR.match(path.name)
-            if not m or not path.is_dir():
-                continue
+            if not m or not _ours(path):
+                continue  # not a checkpoint of ours: never listed, loaded, replaced or deleted
             try:
                 body, error = read_manifest(path), ""
                 if body["step"] != int(m.group(1)):
