@@ -8,6 +8,9 @@ Variants, all on the same model, data and AdamW settings:
   to a non-TTY sink; monitors off.
 - ``kit ema/K``: ``kit`` with ``EMA(every=K)`` (``--ema-every``): the average moves every K-th
   step with the decays of the skipped steps compounded, so its horizon is unchanged.
+- ``stepper``: the kit's step as the examples take it, through ``blockyard.train.Stepper`` (the
+  same accumulation, clipping, EMA and dashboard, plus its non-finite guard: one check of the loss
+  and the gradients per step, agreed across ranks) and ``stepper ema/K`` likewise.
 - ``kit+monitors``: ``kit`` plus ``GradNormMonitor.compute_tensor()`` every step and an
   ``ActivationMonitor`` hooked on every Linear/Conv layer.
 
@@ -43,6 +46,7 @@ from blockyard.train import (
     Dashboard,
     GradientAccumulator,
     GradNormMonitor,
+    Stepper,
     clip_gradients,
 )
 
@@ -94,7 +98,7 @@ class Runner:
 
     def __init__(self, name: str, model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]], accum: int,
                  kit: bool, monitors: bool, clip: float = 1.0, use_clip: bool = True, use_ema: bool = True,
-                 ema_every: int = 1, optimizer: str = "default") -> None:
+                 ema_every: int = 1, optimizer: str = "default", stepper: bool = False) -> None:
         self.name, self.model, self.data, self.accum = name, model, data, accum
         self.kit, self.monitors = kit, monitors
         self.clip, self.use_clip, self.use_ema = clip, use_clip, use_ema
@@ -109,6 +113,7 @@ class Runner:
             self.acc = GradientAccumulator(accum)
             self.ema = EMA(model, decay=0.999, every=ema_every)  # before the activation hooks, so the copy has none
             self.dash = Dashboard(total=10**9, every_s=1.0, stream=self.sink)
+        self.stepper = Stepper(model, self.opt, accumulate=accum, clip_value=clip, ema=self.ema) if stepper else None
         if monitors:
             self.grad_mon = GradNormMonitor(model, depth=1)
             self.act_mon = ActivationMonitor(model, module_types=(nn.Linear, nn.Conv2d))
@@ -128,6 +133,15 @@ class Runner:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
+            return
+        if self.stepper is not None:
+            for i in range(self.accum):
+                x, y = self._batch()
+                with self.stepper.micro_batch(i) as mb:
+                    loss = self.loss_fn(self.model(x), y)
+                    self.stepper.backward(loss)
+            assert mb.step and self.stepper.step()
+            self.dash.update(self.stepper.steps, loss=loss.detach(), grad_norm=self.stepper.grad_norm)
             return
         group_loss = 0.0
         for i in range(self.accum):
@@ -213,6 +227,10 @@ def main() -> None:
         Runner("kit", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip, optimizer=opt),
         Runner(f"kit ema/{args.ema_every}", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip,
                ema_every=args.ema_every, optimizer=opt),
+        Runner("stepper", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip, optimizer=opt,
+               stepper=True),
+        Runner(f"stepper ema/{args.ema_every}", clone(), data, args.accum, kit=True, monitors=False, clip=args.clip,
+               ema_every=args.ema_every, optimizer=opt, stepper=True),
         Runner("kit+monitors", clone(), data, args.accum, kit=True, monitors=True, clip=args.clip, optimizer=opt),
     ]
     if args.ablate:
@@ -255,7 +273,7 @@ def main() -> None:
     if sampled:
         print(f"kit: gradient norm above --clip {args.clip} on {sum(sampled)}/{len(sampled)} sampled steps")
     print("\ncomponent costs (median CPU ms per call, called alone: caches warmer than in the loop)")
-    for name, ms in time_components(runners[3], reps=30).items():
+    for name, ms in time_components(next(r for r in runners if r.monitors), reps=30).items():
         print(f"  {name:<36}{ms:>8.3f}")
     for r in runners:
         if r.monitors:

@@ -3,7 +3,7 @@
 from .accumulation import GradientAccumulator, MicroBatch
 from .checkpoint import CheckpointError, CheckpointManager, CorruptCheckpointWarning
 from .cli import CONTROL_FLAGS, add_common_args, kill_point, main_print, per_rank_batch, pyplot, run_config
-from .clipping import adaptive_clip_grad_, clip_gradients, unitwise_norm
+from .clipping import adaptive_clip_grad_, clip_gradients, grad_norm, unitwise_norm
 from .dashboard import Dashboard
 from .distributed import (
     DistInfo,
@@ -64,6 +64,7 @@ __all__ = [
     "clip_gradients",
     "default_precision",
     "gather_rows",
+    "grad_norm",
     "is_distributed",
     "kill_point",
     "main_print",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["adaptive_clip_grad_", "clip_gradients", "unitwise_norm"]
+__all__ = ["adaptive_clip_grad_", "clip_gradients", "grad_norm", "unitwise_norm"]
 
 ParamsLike = nn.Module | torch.Tensor | Iterable[Any]
 ExcludeLike = str | torch.Tensor | Callable[[str | None, torch.Tensor], bool] | Iterable[Any] | None
@@ -191,8 +191,20 @@ def adaptive_clip_grad_(params: ParamsLike, clip_factor: float = 0.01, eps: floa
 
 
 @torch.no_grad()
+def grad_norm(params: ParamsLike, exclude: ExcludeLike = (), norm_type: float = 2.0) -> torch.Tensor:
+    """The total gradient norm of ``params`` (those with a gradient, not excluded), without clipping.
+
+    Same selection and reduction as :func:`clip_gradients`, so passing the result to it as
+    ``norm=`` clips exactly as if it had measured the norm itself (one read of the gradients saved).
+
+    Shapes:
+        - output: ``()`` on the first gradient's device (no host sync)
+    """
+    return _total_norm([p.grad for p in _select(params, exclude)], _check_norm_type(norm_type))
+
+
 def clip_gradients(params: ParamsLike, algorithm: str = "norm", value: float = 1.0, exclude: ExcludeLike = (),
-                   norm_type: float = 2.0) -> torch.Tensor:
+                   norm_type: float = 2.0, norm: torch.Tensor | None = None) -> torch.Tensor:
     """Clip gradients in place and return the total gradient norm measured *before* clipping.
 
     Algorithms:
@@ -222,6 +234,8 @@ def clip_gradients(params: ParamsLike, algorithm: str = "norm", value: float = 1
             a Module — all of its parameters (``exclude=model.head``);
             a callable ``predicate(name, param) -> bool`` — ``name`` is ``None`` for unnamed tensors.
         norm_type: order of the norm (``float("inf")`` allowed).
+        norm: the total norm of the same selection, already measured by :func:`grad_norm`
+            (``"norm"`` only); it is not measured again.
 
     Shapes:
         - output: ``()``
@@ -234,7 +248,9 @@ def clip_gradients(params: ParamsLike, algorithm: str = "norm", value: float = 1
     norm_type = _check_norm_type(norm_type)
     selected = _select(params, exclude)
     grads = [p.grad for p in selected]
-    total = _total_norm(grads, norm_type)
+    if norm is not None and algorithm != "norm":
+        raise ValueError(f"norm: a precomputed norm applies to algorithm='norm' only, got algorithm={algorithm!r}")
+    total = _total_norm(grads, norm_type) if norm is None else norm
     if not grads:
         return total
     if algorithm == "norm":

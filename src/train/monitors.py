@@ -183,8 +183,9 @@ class ActivationMonitor:
 class NonFiniteGuard:
     """Skip a step whose loss or gradients hold NaN/inf, on all ranks together; abort on a streak.
 
-    :meth:`should_skip` checks the loss and the gradients (max-abs per tensor from one
-    ``torch._foreach_norm(ord=inf)``, which cannot overflow the way an L2 norm can), OR-s the
+    :meth:`should_skip` checks the loss and the gradients (the float32 sum of each gradient: it is
+    non-finite iff an element is, unless the sum passes 3.4e38, far above where an L2 norm overflows
+    at 1.8e19 per element; an inf-norm is exact but 15x slower on the CPU), OR-s the
     verdict over ranks with :func:`any_rank`, and on a skip sets the gradients of ``parameters``
     to ``None``, so every rank skips the same step and the replicas stay equal. The
     ``max_consecutive``-th non-finite step in a row raises ``RuntimeError`` on every rank (so
@@ -210,17 +211,27 @@ class NonFiniteGuard:
         self.total_skipped = 0
 
     def should_skip(
-        self, loss: torch.Tensor | None = None, parameters: Iterable[torch.Tensor] | None = None
+        self, loss: torch.Tensor | None = None, parameters: Iterable[torch.Tensor] | None = None,
+        grad_norm: torch.Tensor | None = None,
     ) -> bool:
-        """True (on every rank) when this step must be skipped; clears the grads if so."""
+        """True (on every rank) when this step must be skipped; clears the grads if so.
+
+        ``grad_norm``: the gradients' total norm, already measured (for norm clipping); then the
+        gradients are not read again, and a norm that overflowed float32 counts as non-finite
+        (clipping by it would zero every gradient anyway).
+        """
         params = [] if parameters is None else [p for p in parameters if p.grad is not None]
         loss_bad = grad_bad = None
         if loss is not None:
             loss_bad = ~torch.isfinite(loss.detach()).all()
-        if params:
-            norms = torch._foreach_norm([p.grad for p in params], math.inf, dtype=torch.float32)
-            device = norms[0].device
-            grad_bad = ~torch.isfinite(torch.stack([n.to(device) for n in norms])).all()
+        if grad_norm is not None:
+            grad_bad = ~torch.isfinite(grad_norm.detach())
+        elif params:
+            # A sum is NaN/inf iff an element is (or the float32 sum passes 3.4e38, i.e. the gradient
+            # diverged anyway); one read of each gradient, ~15x faster on the CPU than an inf-norm.
+            device = params[0].grad.device
+            sums = [p.grad.sum(dtype=torch.float32).to(device) for p in params]
+            grad_bad = ~torch.isfinite(torch.stack(sums)).all()
         flags = [f for f in (loss_bad, grad_bad) if f is not None]
         if not flags:
             raise ValueError("should_skip: expected a loss or parameters with gradients, got neither")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .accumulation import GradientAccumulator, MicroBatch
-from .clipping import clip_gradients
+from .clipping import clip_gradients, grad_norm
 from .ema import EMA
 from .monitors import NonFiniteGuard
 from .precision import make_grad_scaler, scaler_step
@@ -142,15 +142,17 @@ class Stepper:
                                "stepper.step()`), once per group")
         self._plan = None
         self.scaler.unscale_(self.optimizer)
+        # Norm clipping measures the norm once, for the guard and the clip (one read of the gradients).
+        norm = grad_norm(self.params) if self.clip == "norm" else None
         if self.guard is not None:
-            params = None if self.scaler.is_enabled() else self.params
-            if self.guard.should_skip(self._group_loss, params):
+            fp16 = self.scaler.is_enabled()  # gradient overflows are the scaler's to skip
+            if self.guard.should_skip(self._group_loss, None if fp16 else self.params, None if fp16 else norm):
                 self.skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.update()
                 return False
         if self.clip is not None:
-            self.grad_norm = clip_gradients(self.params, self.clip, self.clip_value)
+            self.grad_norm = clip_gradients(self.params, self.clip, self.clip_value, norm=norm)
         stepped = scaler_step(self.scaler, self.optimizer)
         if stepped:
             self.steps += 1

@@ -63,7 +63,7 @@ def test_a_used_folder_is_refused_and_left_byte_identical(tmp_path):
     finished_run(out)
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    with pytest.raises(RunFolderError, match="holds an earlier run.*--resume auto.*--overwrite"):
+    with pytest.raises(RunFolderError, match=r"holds an earlier run.*--resume auto.*--overwrite"):
         RunDir(out, {"width": 8, "lr": 0.1})
     assert snapshot(out) == before
 
@@ -118,7 +118,7 @@ def test_damaged_checkpoints_are_named_instead_of_starting_over(tmp_path):
     for f in (out / "checkpoints").rglob("model.safetensors"):
         f.write_bytes(f.read_bytes()[:-17])
     before = snapshot(out)
-    with pytest.raises(RunFolderError, match="every checkpoint.*damaged.*step_00000001.*step_00000002"):
+    with pytest.raises(RunFolderError, match=r"every checkpoint.*damaged.*step_00000001.*step_00000002"):
         RunDir(out, {"width": 8, "lr": 0.1}, resume="auto")
     assert snapshot(out) == before
 

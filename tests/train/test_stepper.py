@@ -192,3 +192,37 @@ def test_bad_arguments_are_named(kwargs, match):
         Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
     with pytest.raises(TypeError, match="optimizer: expected"):
         Stepper(model, object())
+
+
+@pytest.mark.parametrize("clip", ["norm", "value", None])
+def test_a_nonfinite_gradient_under_a_finite_loss_is_skipped(clip):
+    """The guard reads the norm that norm clipping measured, or the gradients themselves otherwise."""
+    model = make_model()
+    stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), clip=clip)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = data(1)[0]
+    handle = model[0].weight.register_hook(lambda g: g * float("inf"))
+    with stepper.micro_batch(0):
+        stepper.backward(loss_of(model, x, y))
+    handle.remove()
+    assert not stepper.step() and stepper.skipped == 1
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_precomputed_norm_clips_exactly_like_measuring_it():
+    from blockyard.train import clip_gradients, grad_norm
+
+    grads = []
+    for precomputed in (False, True):
+        model = make_model()
+        x, y = data(1)[0]
+        loss_of(model, x, y).backward()
+        norm = grad_norm(model.parameters()) if precomputed else None
+        total = clip_gradients(model.parameters(), "norm", 0.01, norm=norm)
+        grads.append(([p.grad.clone() for p in model.parameters()], total))
+    assert torch.equal(grads[0][1], grads[1][1])
+    for a, b in zip(grads[0][0], grads[1][0]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="norm: a precomputed norm applies to algorithm='norm' only"):
+        clip_gradients(model.parameters(), "value", 1.0, norm=grads[0][1])
