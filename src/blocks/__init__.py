@@ -5,13 +5,14 @@ from .convnext import ConvNeXtV2Block
 from .diffusion import DDPMScheduler, DDPMStepOutput
 from .drop import DropPath, drop_path
 from .film import FiLM
-from .fno import FNOBlock, StableFNOBlock, count_parameters
+from .fno import FNOBlock, StableFNOBlock
 from .gates import GateOutput, KeyGate, SoftGate, TopKGate
 from .graph import GraphAttention, GraphAttentionOutput, add_self_loops, segment_softmax
 from .heads import MLP, ConvHead, SideHead
 from .masking import Gathered, downsample_mask, gather_masked, random_mask, scatter_masked
 from .moe import MixtureOfExperts, MoEOutput
 from .norm import GRN, LayerNorm2d, LayerScale, group_norm
+from .params import count_parameters
 from .posenc import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -21,6 +22,7 @@ from .posenc import (
 )
 from .resblock import ResBlock
 from .resnet import BasicBlock, ResNet2d, ResNetFeatures, resnet18
+from .router_losses import router_z_loss, switch_balance_loss
 from .spectral import SpectralConv2d
 from .transformer import TransformerBlock
 from .unet import DecoderLevel, EncoderLevel, UNet
@@ -76,8 +78,10 @@ __all__ = [
     "masked_attention",
     "random_mask",
     "resnet18",
+    "router_z_loss",
     "scatter_masked",
     "segment_softmax",
     "sincos_2d",
+    "switch_balance_loss",
     "timestep_embedding",
 ]

@@ -15,12 +15,7 @@ from torch import nn
 
 from .spectral import SpectralConv2d
 
-__all__ = ["FNOBlock", "StableFNOBlock", "count_parameters"]
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    """Number of real scalars in ``module``'s parameters (a complex weight stored as a real view counts 2)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+__all__ = ["FNOBlock", "StableFNOBlock"]
 
 
 class _SpectralBranch(nn.Module):

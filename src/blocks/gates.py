@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses.moe import router_z_loss, switch_balance_loss
+from .router_losses import router_z_loss, switch_balance_loss
 
 __all__ = ["GateOutput", "KeyGate", "SoftGate", "TopKGate"]
 

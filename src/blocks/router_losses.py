@@ -3,6 +3,9 @@
 Fedus et al., "Switch Transformers", JMLR 2022, https://arxiv.org/abs/2101.03961 (eq. 4);
 Zoph et al., "ST-MoE: Designing Stable and Transferable Sparse Expert Models", 2022,
 https://arxiv.org/abs/2202.08906 (eq. 5).
+
+They live with the gates that add them to ``GateOutput.aux_loss`` (so ``blockyard.blocks`` needs
+no other subpackage); ``blockyard.losses`` re-exports both under the same names.
 """
 from __future__ import annotations
 
