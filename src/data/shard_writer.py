@@ -6,7 +6,6 @@ side parameters, targets, extras) and updates the folder's ``index.json`` under 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import uuid
@@ -17,18 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._safetensors import DTYPES, CorruptedStoreError, encode_header, to_numpy
+from ._safetensors import DTYPES, encode_header, to_numpy
 from .atomic import write_json_atomic
 from .lock import file_lock
-from .padded import PAD_MASK
+from .shard_format import FORMAT, INDEX, MATRIX, RESERVED, SHAPE, SIDE, TARGET, pad_mask, read_index
 
 __all__ = ["write_shard"]
 
-FORMAT = "blockyard.ShardDataset"
-INDEX = "index.json"
 LOCK = ".index.lock"
-MATRIX, SHAPE, SIDE, TARGET = "matrix", "shape", "side", "target"
-RESERVED = (MATRIX, SHAPE, SIDE, TARGET, PAD_MASK)
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors$")
 
@@ -72,7 +67,7 @@ def _matrices(matrices: Any, shapes: Any, pad_to: tuple[int, int] | None) -> tup
             if S and (shape_t.min() < 1 or shape_t[:, 0].max() > K or shape_t[:, 1].max() > N):
                 raise ValueError(f"shapes: expected 1 <= k <= {K} and 1 <= n <= {N}, got mins "
                                  f"{shape_t.min(0).values.tolist()} and maxes {shape_t.max(0).values.tolist()}")
-            bad = (mat != 0) & _pad_mask(shape_t, K, N)
+            bad = (mat != 0) & pad_mask(shape_t, K, N)
             if bool(bad.any()):
                 i = int(bad.flatten(1).any(1).nonzero()[0])
                 raise ValueError(f"matrices: sample {i} has nonzero values outside its shape {shape_t[i].tolist()}")
@@ -81,25 +76,6 @@ def _matrices(matrices: Any, shapes: Any, pad_to: tuple[int, int] | None) -> tup
             raise ValueError(f"pad_to: expected at least ({K}, {N}), got {pad_to}")
         mat = torch.nn.functional.pad(mat, (0, pad_to[1] - N, 0, pad_to[0] - K))
     return mat, shape_t
-
-
-def _pad_mask(shapes: torch.Tensor, K: int, N: int) -> torch.Tensor:
-    """``(S, K, N)`` bool, True = padding (outside the true ``(k, n)`` of each row of ``shapes``)."""
-    rows = torch.arange(K)[None, :, None] >= shapes[:, 0, None, None]
-    cols = torch.arange(N)[None, None, :] >= shapes[:, 1, None, None]
-    return rows | cols
-
-
-def _read_index(folder: Path) -> dict[str, Any]:
-    path = folder / INDEX
-    try:
-        index = json.loads(path.read_text())
-    except ValueError as err:
-        raise CorruptedStoreError(f"{path}: unreadable index ({err})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        got = index.get("format") if isinstance(index, dict) else None
-        raise CorruptedStoreError(f"{path}: format {got!r}, expected {FORMAT!r}")
-    return index
 
 
 def write_shard(folder: str | os.PathLike, matrices: Any, side: Any, targets: Any, *, shapes: Any = None,
@@ -167,7 +143,7 @@ def write_shard(folder: str | os.PathLike, matrices: Any, side: Any, targets: An
 
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / LOCK):
-        index = _read_index(folder) if (folder / INDEX).exists() else {
+        index = read_index(folder) if (folder / INDEX).exists() else {
             "format": FORMAT, "version": 1, "num_samples": 0, "fields": schema, "shards": []}
         for key in sorted(set(schema) | set(index["fields"])):
             if schema.get(key) != index["fields"].get(key):

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from ._safetensors import CorruptedStoreError, array_to_torch, map_file, sha256_file
 from .padded import PAD_MASK
-from .shard_writer import INDEX, MATRIX, RESERVED, SHAPE, SIDE, TARGET, _pad_mask, _read_index, write_shard
+from .shard_format import INDEX, MATRIX, RESERVED, SHAPE, SIDE, TARGET, pad_mask, read_index
+from .shard_writer import write_shard
 
 __all__ = ["ShardDataset", "write_shard"]
 
@@ -61,7 +62,7 @@ class ShardDataset(Dataset):
         self.folder = Path(folder)
         if not (self.folder / INDEX).is_file():
             raise FileNotFoundError(f"{self.folder}: not a ShardDataset (no {INDEX})")
-        index = _read_index(self.folder)
+        index = read_index(self.folder)
         self.fields: dict[str, str] = {k: f["dtype"] for k, f in index["fields"].items()}
         self.shapes: dict[str, tuple[int, ...]] = {k: tuple(f["shape"]) for k, f in index["fields"].items()}
         self.extras = tuple(k for k in self.fields if k not in RESERVED)
@@ -152,7 +153,7 @@ class ShardDataset(Dataset):
             where = torch.from_numpy(rows)
             for key, dtype in self.fields.items():
                 out[key][where] = array_to_torch(arrays[key][local], dtype)
-        out[PAD_MASK] = _pad_mask(out[SHAPE], *self.max_shape)
+        out[PAD_MASK] = pad_mask(out[SHAPE], *self.max_shape)
         return out
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
