@@ -10,6 +10,7 @@ ordinary safetensors files (the tests read them back with ``safetensors.safe_ope
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,9 @@ __all__ = [
     "sha256_file",
     "to_numpy",
 ]
+
+# fsync errnos meaning "this filesystem does not fsync directories", not a failed write
+_NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 # torch dtype name -> (safetensors code, numpy dtype of the raw bytes). bfloat16 has no numpy
 # dtype, so its bytes travel as uint16 and are re-viewed as bfloat16 on the torch side.
@@ -153,10 +157,25 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO, digest: hashlib._Hash, chunk: int 
     return total
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (files created or renamed into it) durable across a crash."""
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (files created or renamed into it) durable across a crash.
+
+    The one implementation for the whole library (data stores, atomic JSON writes, checkpoints).
+    On Windows a directory cannot be opened for fsync (``os.open`` raises); the call returns and
+    rename durability is left to the filesystem. A filesystem that cannot fsync directories
+    (``EINVAL``/``ENOTSUP`` from ``fsync``) is tolerated the same way; any other error (a
+    missing directory, ``EIO``) is raised.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.name == "nt":
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_DIR_FSYNC:
+            raise
     finally:
         os.close(fd)

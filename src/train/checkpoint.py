@@ -1,13 +1,15 @@
 """Crash-safe, pickle-free training checkpoints with retention and exact resume.
 
-Each checkpoint is a directory ``step_XXXXXXXX/`` holding one safetensors file per stateful
-entry (a module's file keeps its ``state_dict`` keys, so ``model.safetensors`` loads anywhere;
-any other object is a JSON tree in the file's metadata plus its tensors), the plain values in
-``_values.safetensors``, every rank's RNG states in ``_rng.safetensors`` and a
-``manifest.json`` with the step, the metric and each file's size and sha256. It is written
-into a hidden temporary directory, every file and the directory are fsynced, and only then is
-it renamed into place (``os.replace``) and the parent directory fsynced: after a crash at any
-moment a ``step_`` name holds a complete checkpoint or does not exist.
+Each checkpoint is a directory ``step_XXXXXXXX/``, named by its position in training (an
+optimizer step or an epoch, see :meth:`CheckpointManager.save`), holding one safetensors file per
+stateful entry (a module's file keeps its ``state_dict`` keys, so ``model.safetensors`` loads
+anywhere; any other object is a JSON tree in the file's metadata plus its tensors), the plain
+values in ``_values.safetensors``, every rank's RNG states in ``_rng.safetensors`` and a
+``manifest.json`` with the position (under ``"step"``), the metric and each file's size and
+sha256. It is written into a hidden temporary directory, every file and the directory are
+fsynced, and only then is it renamed into place (``os.replace``) and the parent directory
+fsynced: after a crash at any moment a ``step_`` name holds a complete checkpoint or does not
+exist.
 """
 from __future__ import annotations
 
@@ -25,16 +27,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from .manifest import (
-    MANIFEST,
-    CheckpointError,
-    fsync_dir,
-    read_file,
-    read_manifest,
-    read_record,
-    write_file,
-    write_manifest,
-)
+from ..data._safetensors import fsync_dir
+from .manifest import MANIFEST, CheckpointError, read_file, read_manifest, read_record, write_file, write_manifest
 from .rng import capture_rng_state, restore_rng_state
 from .serialize import pack, unpack
 from .stateful import capture_object, object_kind, restore_object
@@ -79,11 +73,16 @@ class CheckpointManager:
     e.g. ``{"model": model, "optimizer": opt, "ema": ema, "epoch": epoch, "data": position}``.
     The global RNGs (python, numpy, torch CPU, every CUDA device) are saved too.
 
-    Retention after each save keeps the ``keep_last`` newest checkpoints, every step divisible
-    by ``every`` and the best by ``metric``; a checkpoint is deleted only after the new one has
-    been read back and verified, and only directories named ``step_<digits>`` are ever deleted.
-    Checkpoints with a step above the one being saved (left over from an abandoned timeline)
-    are left alone until this run overwrites them.
+    Each checkpoint sits at a *position* in training, an int that increases over the run: the
+    optimizer step or the epoch, whichever the loop saves at (one unit per manager). The
+    position names the checkpoint's folder (``step_XXXXXXXX``) and comes back as ``"step"``
+    from the loaders; ``every``, :meth:`steps` and retention count in the same unit.
+
+    Retention after each save keeps the ``keep_last`` newest checkpoints, every position
+    divisible by ``every`` and the best by ``metric``; a checkpoint is deleted only after the new
+    one has been read back and verified, and only directories named ``step_<digits>`` are ever
+    deleted. Checkpoints at a position above the one being saved (left over from an abandoned
+    timeline) are left alone until this run overwrites them.
 
     Distributed: only the main process (rank 0) writes; other ranks return ``None`` from
     :meth:`save`. Under ``torch.distributed`` with several ranks :meth:`save` is a collective
@@ -94,7 +93,7 @@ class CheckpointManager:
     Args:
         directory: folder of the checkpoints; created on first save. Other files in it are
             never touched.
-        every: also keep every checkpoint whose step is a multiple of ``every``.
+        every: also keep every checkpoint whose position is a multiple of ``every``.
         keep_last: number of newest checkpoints kept, at least 1.
         rng: save and restore the global RNG states.
         is_main: whether this process writes; default rank 0 (or True without torch.distributed).
@@ -104,9 +103,10 @@ class CheckpointManager:
         ckpt = CheckpointManager(out / "checkpoints", every=1000, keep_last=2)
         state = {"model": model, "optimizer": opt, "ema": ema, "scaler": scaler}
         resumed = ckpt.load_latest(state)  # None on a fresh start
-        start = resumed["step"] if resumed else 0
+        start = resumed["step"] if resumed else 0  # the position the checkpoint was saved at
         ...
-        ckpt.save(step, {**state, "epoch": epoch}, metric=val_loss)
+        ckpt.save(step, {**state, "epoch": epoch}, metric=val_loss)  # by optimizer step
+        ckpt.save(epoch, {**state, "opt_step": step}, metric=val_loss)  # or, in another run, by epoch
     """
 
     def __init__(self, directory: str | os.PathLike, every: int | None = None, keep_last: int = 1, *,
@@ -125,7 +125,7 @@ class CheckpointManager:
         return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
     def steps(self) -> list[int]:
-        """Steps of the checkpoints present (whose manifest is readable), oldest first."""
+        """Positions (steps or epochs, as saved) of the checkpoints whose manifest is readable, oldest first."""
         return [i.step for i in self._scan() if i.body is not None]
 
     def step_dirs(self) -> list[Path]:
@@ -133,7 +133,7 @@ class CheckpointManager:
         return [i.path for i in self._scan()]
 
     def intact_steps(self) -> list[int]:
-        """Steps of the checkpoints whose manifest and every file pass their checksums, oldest first."""
+        """Positions of the checkpoints whose manifest and every file pass their checksums, oldest first."""
         out = []
         for info in self._scan():
             try:
@@ -144,16 +144,26 @@ class CheckpointManager:
         return out
 
     # ------------------------------------------------------------------------------- save
-    def save(self, step: int, state: Mapping[str, Any], metric: float | None = None,
+    def save(self, position: int, state: Mapping[str, Any], metric: float | None = None,
              mode: str = "min") -> Path | None:
-        """Write the checkpoint for ``step`` and apply retention; returns its path (None off rank 0).
+        """Write the checkpoint at ``position`` and apply retention; returns its path (None off rank 0).
 
-        ``metric`` (a float or 0-dim tensor; non-finite values are stored as None) ranks the
-        checkpoint for ``load_best`` and for retention of the best, lower is better with
-        ``mode="min"``, higher with ``"max"``. Saving a step that already exists replaces it.
+        Saving at a position that already exists replaces that checkpoint.
+
+        Args:
+            position: the checkpoint's position in training: an optimizer step or an epoch,
+                increasing over the run (keep one unit per manager). It names the folder
+                ``step_XXXXXXXX`` (zero-padded to 8 digits), is stored as ``"step"`` in the
+                manifest and is returned as the ``"step"`` key by :meth:`load_latest` and
+                :meth:`load_best`, so existing checkpoints keep loading.
+            state: entry name -> stateful object or plain value (see the class docstring).
+            metric: a float or 0-dim tensor ranking the checkpoint for :meth:`load_best` and
+                retention of the best; non-finite values are stored as None.
+            mode: ``"min"`` (lower metric is better) or ``"max"``.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step: expected an int >= 0, got {step!r}")
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ValueError(f"position: expected an int >= 0 (the checkpoint's optimizer step or epoch), "
+                             f"got {position!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode: expected 'min' or 'max', got {mode!r}")
         for name, obj in state.items():
@@ -171,11 +181,11 @@ class CheckpointManager:
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
-        final = self.directory / f"step_{step:08d}"
+        final = self.directory / f"step_{position:08d}"
         if final.exists() and not _ours(final):
             raise CheckpointError(f"{final} exists and is not a checkpoint; it is left alone: "
                                   "move it away or save into another directory")
-        tmp = self.directory / f"{_LEFTOVER[0]}{step:08d}-{uuid.uuid4().hex[:12]}"
+        tmp = self.directory / f"{_LEFTOVER[0]}{position:08d}-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
             files: dict[str, dict] = {}
@@ -195,7 +205,7 @@ class CheckpointManager:
             emit("_values.safetensors", pack(plain))
             if rng_states is not None:
                 emit("_rng.safetensors", pack(rng_states))
-            write_manifest(tmp, {"step": step, "metric": metric, "mode": mode, "entries": entries,
+            write_manifest(tmp, {"step": position, "metric": metric, "mode": mode, "entries": entries,
                                  "values": list(plain), "rng_ranks": len(rng_states or []),
                                  "torch": torch.__version__, "files": files})
             fsync_dir(tmp)
@@ -203,7 +213,7 @@ class CheckpointManager:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._retain(step, mode, final)
+        self._retain(position, mode, final)
         if _dist_active():
             dist.barrier()
         return final
@@ -304,10 +314,11 @@ class CheckpointManager:
         return {"step": body["step"], "metric": body["metric"], "path": str(path), **values}
 
     def load_latest(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Restore ``state`` in place from the newest intact checkpoint.
+        """Restore ``state`` in place from the newest intact checkpoint (highest position).
 
-        Returns a dict with ``step``, ``metric``, ``path`` and the saved plain values, or None
-        when there is nothing to resume. A corrupted or incomplete checkpoint is skipped with a
+        Returns a dict with ``step`` (the position given to :meth:`save`: an optimizer step or an
+        epoch, whichever the run saved at), ``metric``, ``path`` and the saved plain values, or
+        None when there is nothing to resume. A corrupted or incomplete checkpoint is skipped with a
         :class:`CorruptCheckpointWarning` naming it; leftover temporary directories of an
         interrupted save are ignored and (on the main process) removed. Module weights load
         strictly, accepting ``module.`` and ``_orig_mod.`` key prefixes in either direction.

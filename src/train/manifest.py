@@ -14,8 +14,7 @@ from typing import Any
 
 from .serialize import dumps_json, unpack
 
-__all__ = ["CheckpointError", "fsync_dir", "read_file", "read_manifest", "read_record", "write_file",
-           "write_manifest"]
+__all__ = ["CheckpointError", "read_file", "read_manifest", "read_record", "write_file", "write_manifest"]
 
 MANIFEST = "manifest.json"
 _FORMAT, _VERSION = "blockyard.checkpoint", 1
@@ -36,20 +35,6 @@ def write_file(path: Path, data: bytes) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": len(data), "sha256": sha256(data)}
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created or renamed files) durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; rename durability is the OS's business there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_manifest(directory: Path, body: dict[str, Any]) -> None:

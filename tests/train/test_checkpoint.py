@@ -360,6 +360,22 @@ def test_missing_entry_and_bad_arguments_raise(tmp_path):
         manager.save(-1, {"model": make_model()})
 
 
+def test_position_is_an_epoch_or_a_step_and_keeps_the_on_disk_names(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    model = make_model()
+    for epoch in (1, 2, 3):  # a loop that checkpoints once per epoch
+        path = manager.save(epoch, {"model": model, "opt_step": 10 * epoch})
+    assert path == tmp_path / "step_00000003"
+    assert manager.save(position=4, state={"model": model}) == tmp_path / "step_00000004"
+    assert manager.steps() == [3, 4]
+    body = json.loads((tmp_path / "step_00000003" / "manifest.json").read_text())["body"]
+    assert body["step"] == 3  # the manifest key stays "step", so older checkpoints keep loading
+    with no_corruption_warning():
+        assert manager.load_latest({"model": make_model()})["step"] == 4
+    with pytest.raises(ValueError, match=r"position: expected an int >= 0 .*optimizer step or epoch.*got 2\.0"):
+        manager.save(2.0, {"model": model})
+
+
 # ------------------------------------------------------------------ kill-and-resume (subprocesses)
 def start_script(out: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
