@@ -187,12 +187,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under any DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``).
 
     Save, EMA and name parameters from this, so state-dict keys carry no ``module.`` or
-    ``_orig_mod.`` prefix.
+    ``_orig_mod.`` prefix. Wrappers may be nested in any order (``compile(DDP(m))``,
+    ``DDP(compile(m))``). Only these wrappers are stripped: a module of your own that merely
+    holds its network under ``.module`` is returned as it is, since its ``forward`` may do more
+    than call it. This is the one unwrap of the library (checkpoints, EMA and monitors use it).
     """
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
     while True:
-        if isinstance(model, (DistributedDataParallel, DataParallel)):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod

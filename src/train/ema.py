@@ -12,36 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import unwrap
+
 __all__ = ["EMA"]
 
 logger = logging.getLogger(__name__)
 
 _BUFFER_POLICIES = ("copy", "average")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` (``_orig_mod``) and data-parallel wrappers (``.module``).
-
-    A module counts as a data-parallel wrapper if it is a ``DistributedDataParallel`` /
-    ``DataParallel`` or, generically, if its only child is named ``module`` and it holds no
-    parameters or buffers of its own (so a user block that merely *has* a ``module`` attribute
-    next to other layers is not unwrapped). Wrappers may be nested in any order.
-    """
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        inner = getattr(model, "module", None)
-        if isinstance(inner, nn.Module):
-            is_dp = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
-            only_child = ([n for n, _ in model.named_children()] == ["module"]
-                          and not any(True for _ in model.named_parameters(recurse=False))
-                          and not any(True for _ in model.named_buffers(recurse=False)))
-            if is_dp or only_child:
-                model = inner
-                continue
-        return model
 
 
 class EMA:
@@ -57,8 +34,10 @@ class EMA:
     first update copies the model. With :math:`\gamma = 1, p = 2/3` the decay reaches 0.999 after
     about 31.6k steps. This is timm ``ModelEmaV3(use_warmup=True, update_after_step=0)``.
 
-    The averaged copy ``ema.module`` is a deep copy of the *unwrapped* model (``DDP(...).module``
-    and ``torch.compile(...)._orig_mod`` are stripped), in eval mode, with ``requires_grad=False``.
+    The averaged copy ``ema.module`` is a deep copy of the model unwrapped by
+    :func:`~blockyard.train.unwrap` (DDP/DataParallel ``.module`` and ``torch.compile``'s
+    ``._orig_mod`` are stripped; a module of your own that holds the network under ``.module`` is
+    kept whole), in eval mode, with ``requires_grad=False``.
     Build the EMA before attaching forward hooks (monitors): ``deepcopy`` copies hooks too.
     Update it on every rank after every optimizer step that was really taken (not after a step
     the grad scaler skipped); DDP keeps the parameters identical, so every rank's EMA agrees.
@@ -119,7 +98,7 @@ class EMA:
         self.buffers = buffers
         self.every = every
         self.step: int | None = None  # step of the last update that moved the average; None before
-        self.module = copy.deepcopy(_unwrap(model)).eval()
+        self.module = copy.deepcopy(unwrap(model)).eval()
         self.module.requires_grad_(False)
         params = list(self.module.parameters())
         bufs = list(self.module.buffers())
@@ -142,7 +121,7 @@ class EMA:
         return min(self.decay, 1.0 - (1.0 + (step - 1) / self.warmup_gamma) ** -self.warmup_power)
 
     def _entries(self, model: nn.Module) -> list[torch.Tensor]:
-        model = _unwrap(model)
+        model = unwrap(model)
         params = list(model.parameters())
         bufs = list(model.buffers())
         if len(params) != self._n_params or len(bufs) != self._n_buffers:

@@ -14,18 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["capture_object", "object_kind", "restore_object", "unwrap_module"]
+from .distributed import unwrap
 
-
-def unwrap_module(module: nn.Module) -> nn.Module:
-    """Strip DDP/DataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``) wrappers."""
-    while True:
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
-        else:
-            return module
+__all__ = ["capture_object", "object_kind", "restore_object"]
 
 
 def _canonical(key: str) -> str:
@@ -81,7 +72,7 @@ def capture_object(obj: Any) -> tuple[str, Any, dict[str, Any]]:
     if kind is None:
         raise TypeError(f"cannot capture the state of a {type(obj).__name__}")
     if kind == "module":
-        sd = unwrap_module(obj).state_dict()
+        sd = unwrap(obj).state_dict()
         meta = getattr(sd, "_metadata", None) or {}
         return kind, dict(sd), {"module_metadata": {k: dict(v) for k, v in meta.items()}}
     if kind == "torch_generator":
@@ -101,7 +92,7 @@ def restore_object(obj: Any, payload: Any, header: dict[str, Any]) -> None:
     """
     kind = object_kind(obj)
     if kind == "module":
-        target = unwrap_module(obj)
+        target = unwrap(obj)
         sd = match_prefixed_keys(payload, list(target.state_dict().keys()))
         if sd is payload:
             sd = OrderedDict(payload)

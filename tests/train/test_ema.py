@@ -102,7 +102,7 @@ def test_buffer_policy(policy):
     assert not torch.allclose(ema.module[0].weight, net[0].weight)
 
 
-class Wrapper(nn.Module):  # what DDP looks like from the outside: the model under .module
+class Wrapper(nn.Module):  # a user's own module holding the network under .module
     def __init__(self, module):
         super().__init__()
         self.module = module
@@ -111,9 +111,17 @@ class Wrapper(nn.Module):  # what DDP looks like from the outside: the model und
         return self.module(x)
 
 
-def test_built_from_ddp_like_wrapper_and_updated_through_it():
+@pytest.fixture
+def one_rank_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_built_from_ddp_and_updated_through_it():
     net = make_net()
-    wrapped = Wrapper(net)
+    wrapped = nn.parallel.DistributedDataParallel(net)
     ema = EMA(wrapped, decay=0.5, warmup=False)
     assert list(ema.module.state_dict()) == list(net.state_dict())  # no "module." prefix
     assert isinstance(ema.module, nn.Sequential)
@@ -121,6 +129,29 @@ def test_built_from_ddp_like_wrapper_and_updated_through_it():
     for step in train_steps(net, 3):
         ema.update(wrapped, step)
         plain.update(net, step)
+    for a, b in zip(ema.module.state_dict().values(), plain.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_own_module_holding_the_net_is_kept_whole_and_updates_positionally():
+    class Probabilities(nn.Module):  # no parameters of its own, but its forward is not the net's
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x).softmax(-1)
+
+    net = make_net()
+    model = Probabilities(net)
+    ema = EMA(model, decay=0.5, warmup=False)
+    assert isinstance(ema.module, Probabilities)  # ema(x) computes what model(x) computes
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(ema(x), model.eval()(x))
+    plain = EMA(net, decay=0.5, warmup=False)
+    for step in train_steps(net, 3):
+        ema.update(net, step)  # the bare net and its holder have the same parameters in order
+        plain.update(Wrapper(net), step)
     for a, b in zip(ema.module.state_dict().values(), plain.module.state_dict().values()):
         assert torch.equal(a, b)
 
