@@ -2,7 +2,8 @@
 
 Roth, Zhu, Yuan, Siegel, Jiang, "On the Height Profile of Analog Error-Correcting Codes",
 https://arxiv.org/abs/2602.20366 (the height profile as a maximum over a finite set of codewords).
-Derivation and cross-checks against the course's LP formulation: ../shared/research/seed_mheight_design.md, A1-A2.
+Cross-checked against the course's example value, a naive loop over codewords and the reduced LP
+of each (a, b, Y) in tests/examples/test_mheight_data.py.
 
 A code ``C`` of length ``n`` and dimension ``k`` has the systematic generator ``G = [I_k | P]``.
 The m-height of a codeword is ``h_m(c) = |c|_(0) / |c|_(m)`` (magnitudes sorted in decreasing

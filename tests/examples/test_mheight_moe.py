@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
+import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import run_contract as contract
 import torch
 from mheight.heights import NK, mheights
 from mheight.models import MODELS, ResNetMoE, augment, build_model, encode
 from torchrun_helpers import read_metrics, run_example
+
+from blockyard.data import ShardDataset
+from blockyard.train import CheckpointManager
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "mheight_moe.py"
 TIMEOUT = 300
@@ -99,38 +104,109 @@ def test_moe_gate_sees_only_n_and_k_and_selects_two_experts(one_thread):
     torch.testing.assert_close(moe.moe((x, other), gate_input=other[:, :2]).weights, weights)
 
 
-def run_script(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_example(SCRIPT, out, *extra, timeout=TIMEOUT)
+MODELS_RUN = ("resnet", "moe")  # the default --models
+METRICS = [f"{name}/metrics.jsonl" for name in MODELS_RUN]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mheight")
-    return out, run_script(out, "--models", "fcn,resnet,moe", "--epochs", "2", "--moe-epochs", "2")
+    """One finished 2-process smoke run with the default flags, shared by the checks below (each works on a copy)."""
+    out = tmp_path_factory.mktemp("mheight") / "run"
+    return out, run_example(SCRIPT, out, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def used_out(ddp_run, tmp_path):
+    """A copy of the finished run's folder, for a check that launches on it."""
+    return Path(shutil.copytree(ddp_run[0], tmp_path / "run"))
+
+
+def assert_learned(out: Path, data: Path, names) -> None:
+    """Every model beats, by 10 % on validation and test, the constant prediction of the training mean of log2 h.
+
+    With the optimizer step made a no-op the smoke models score 0.99-1.09x that predictor; trained, 0.65-0.85x.
+    """
+    summary = json.loads((out / "summary.json").read_text())
+    for split in ("val", "test"):
+        log2h = ShardDataset(data / split).column("target").double().log2()
+        constant = float((log2h - summary["log2h"]["mean"]).square().mean())
+        for name in names:
+            assert summary["results"][name][split]["overall"] < 0.9 * constant, (name, split, constant)
+
+
+def stepper_state(checkpoints: Path) -> dict:
+    """The Stepper's saved state in the newest checkpoint of ``checkpoints``."""
+
+    class Capture:
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            self.state = state
+
+    capture = Capture()
+    assert CheckpointManager(checkpoints, rng=False).load_latest({"stepper": capture}) is not None, checkpoints
+    return capture.state
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_smoke_run_trains_every_model_and_reports_per_group(ddp_run):
+def test_two_process_smoke_run_trains_every_model_learns_and_reports_per_group(ddp_run):
     out, proc = ddp_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
-    assert list(summary["results"]) == ["group mean", "fcn", "resnet", "moe"]
+    assert list(summary["results"]) == ["group mean", *MODELS_RUN]
     for name, result in summary["results"].items():
         for split in ("val", "test"):
             assert result[split]["overall"] >= 0 and len(result[split]["groups"]) == 21, (name, split)
-    assert [r["epoch"] for r in read_metrics(out / "moe" / "metrics.jsonl")] == [1, 2]
+    for name in MODELS_RUN:
+        records = read_metrics(out / name / "metrics.jsonl")
+        assert [(r["epoch"], r["opt_step"]) for r in records] == [(1, 10), (2, 20)]  # 672 rows / 64 per step
+    assert_learned(out, out / "data", MODELS_RUN)
     assert "validation Log2-MSE per group" in proc.stdout and "(10, 6, 4)" in proc.stdout
     assert (out / "groups.png").stat().st_size > 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def changed_architecture_is_refused(script: Path, out: Path) -> None:
+    contract.check_changed_config_is_refused(script, out, "--channels", "16", key="channels: saved 8, requested 16")
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_killed_run_resumes_to_the_same_metrics(ddp_run, tmp_path):
-    reference = read_metrics(ddp_run[0] / "fcn" / "metrics.jsonl")
-    run_script(tmp_path, "--models", "fcn", "--epochs", "2", "--data", str(ddp_run[0] / "data"), "--stop-after", "1")
-    assert [r["epoch"] for r in read_metrics(tmp_path / "fcn" / "metrics.jsonl")] == [1]
-    proc = run_script(tmp_path, "--models", "fcn", "--epochs", "2", "--data", str(ddp_run[0] / "data"),
-                      "--resume", "auto")
-    assert "resumed from" in proc.stdout
-    assert read_metrics(tmp_path / "fcn" / "metrics.jsonl") == reference
+@pytest.mark.parametrize("check", [contract.check_used_out_is_refused, contract.check_damaged_checkpoints_are_refused,
+                                   changed_architecture_is_refused, contract.check_overwrite_keeps_the_old_run],
+                         ids=["used-out", "damaged-checkpoints", "changed-architecture", "overwrite"])
+def test_a_finished_run_folder_is_refused_or_moved_aside(check, used_out):
+    check(SCRIPT, used_out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_concurrent_runs_and_fp16_trains_every_model_with_a_real_scaler(ddp_run, tmp_path):
+    """Two runs at once on one folder: one is refused; the other (fp16, fcn then resnet) trains through a real
+    GradScaler: its scale is checkpointed, overflow steps are skipped and counted, and the models learn."""
+    out, data = tmp_path / "run", ddp_run[0] / "data"
+    contract.check_concurrent_runs(SCRIPT, out, "--precision", "fp16", "--models", "fcn,resnet", "--data", str(data))
+    for name in ("fcn", "resnet"):
+        stepper = stepper_state(out / name / "checkpoints")
+        scale = stepper["scaler"]["scale"]
+        assert 0 < scale <= 2.0**16 and math.log2(scale) % 1 == 0, stepper  # a real scaler: a power of two
+        assert stepper["steps"] + stepper["skipped"] == 20, stepper  # 10 micro-batches per epoch, 2 epochs
+        assert read_metrics(out / name / "metrics.jsonl")[-1]["opt_step"] == stepper["steps"]
+    assert_learned(out, data, ("fcn", "resnet"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(ddp_run, tmp_path):
+    """SIGKILL at optimizer step 35: the MoE's 2nd epoch (steps 21-40; its epoch-1 checkpoint exists), after the
+    ResNet (steps 1-20) finished. The resume restores the finished ResNet without retraining it, continues the MoE."""
+    out = tmp_path / "run"
+    contract.check_sigkill_resume_is_exact(SCRIPT, out, ddp_run[0], METRICS, 35, "--data", str(ddp_run[0] / "data"))
+    resumed_at = json.loads((out / "run.json").read_text())["resumed"]
+    assert len(resumed_at) == 1, resumed_at
+    started = datetime.strptime(resumed_at[0], "%Y-%m-%dT%H-%M-%SZ").replace(tzinfo=timezone.utc).timestamp()
+    for manifest in (out / "resnet" / "checkpoints").rglob("manifest.json"):
+        assert manifest.stat().st_mtime < started, f"{manifest} was rewritten by the resumed run"
+    assert any(p.stat().st_mtime >= started for p in (out / "moe" / "checkpoints").rglob("manifest.json"))
