@@ -1,11 +1,11 @@
 """XEC calorimeter: FCMAE-pretrained ConvNeXt-V2 / graph-attention encoder, fine-tuned to regress the source.
 
-System: the MEG II XEC liquid-xenon calorimeter's ML pipeline (../shared/seeds/004_d447c9425ac27efa.txt,
-facts in ../shared/research/seed_xec.md). 4760 photo-sensors on six faces see the scintillation
-light of a point source; examples/xec/ builds the geometry and a synthetic event generator
-(Poisson photon counts, times with jitter and a validity threshold, 1 % dead channels). The
-encoder (examples/xec/model.py) reads each image face with a masked ConvNeXt-V2 CNN, the two hex
-faces with graph attention, and fuses seven face tokens with a transformer.
+System: the machine-learning pipeline of the MEG II XEC liquid-xenon calorimeter. 4760
+photo-sensors on six faces see the scintillation light of a point source; examples/xec/ builds
+the geometry and a synthetic event generator (Poisson photon counts, times with jitter and a
+validity threshold, 1 % dead channels). The encoder (examples/xec/model.py) reads each image face
+with a masked ConvNeXt-V2 CNN, the two hex faces with graph attention, and fuses seven face tokens
+with a transformer.
 
 The run, in stages (each with its own metrics.jsonl and checkpoints under --out):
 
@@ -24,25 +24,25 @@ time-of-flight-corrected mean time) and both networks.
     python examples/xec_mae.py --smoke
     torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --out /tmp/xec_run
     torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --resume auto
-    torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --labeled 512 --epochs 16   # few labels
+    torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --labeled 512 --epochs 16 --overwrite
 
-The default run (4096 events, 2 + 2 + 2 epochs of 128 steps of 32 events) takes about 9 minutes
-with 2 processes on 2 busy CPU cores.
+The default run (4096 events, 2 + 2 + 2 epochs of 128 steps of 32 events) takes about 6 minutes
+with 2 processes on 2 CPU cores; fp32 is the default because bf16 autocast measured 2x slower on
+that CPU. --epochs is the fine-tune and scratch epochs, --lr their AdamW lr, --batch-size the
+global micro-batch (--accum micro-batches per optimizer step).
 
-Writes to --out: <stage>/metrics.jsonl and <stage>/checkpoints, summary.json, predictions.png.
+Writes to --out: run.json, <stage>/metrics.jsonl and <stage>/checkpoints, summary.json, predictions.png.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -56,16 +56,19 @@ from blockyard.blocks import count_parameters, random_mask
 from blockyard.data import rank_batches
 from blockyard.train import (
     EMA,
-    CheckpointManager,
     Dashboard,
     EarlyStopping,
-    GradientAccumulator,
-    MetricsLog,
+    RunDir,
+    Stepper,
+    add_common_args,
     all_reduce_sum,
-    apply_lr,
     autocast,
-    clip_gradients,
-    is_distributed,
+    kill_point,
+    main_print,
+    per_rank_batch,
+    predict_rows,
+    pyplot,
+    run_config,
     seed_everything,
     setup_distributed,
     teardown_distributed,
@@ -78,17 +81,14 @@ UNITS = {"u": "cm", "v": "cm", "w": "cm", "energy": "MeV", "t0": "ns"}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/xec")
+    add_common_args(p, out="runs/xec", epochs=2, lr=1e-3)
     p.add_argument("--train-events", type=int, default=None, help="default 4096 (smoke 32)")
     p.add_argument("--labeled", type=int, default=None,
                    help="label only the first N training events for fine-tune/scratch (default all)")
     p.add_argument("--val-events", type=int, default=None, help="default 512 (smoke 16)")
     p.add_argument("--test-events", type=int, default=None, help="default 1024 (smoke 16)")
-    p.add_argument("--pretrain-epochs", type=int, default=None, help="FCMAE epochs (default 2)")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tune and scratch epochs (default 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="global micro-batch, split over ranks (32, smoke 8)")
+    p.add_argument("--pretrain-epochs", type=int, default=2, help="FCMAE epochs (default 2)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of fine-tune and scratch")
     p.add_argument("--mae-lr", type=float, default=1e-3, help="AdamW lr of the pretraining")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="seed regressor: 1e-4")
     p.add_argument("--mae-weight-decay", type=float, default=5e-5, help="seed MAE: 5e-5")
@@ -98,55 +98,27 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=None, help="CNN width (default 32, smoke 8)")
     p.add_argument("--depth", type=int, default=2, help="ConvNeXt-V2 blocks per image face (smoke 1)")
     p.add_argument("--token-dim", type=int, default=None, help="face token width (default 64, smoke 16)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 default: bf16 autocast measured 2x slower than fp32 on this CPU")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patience", type=int, default=10, help="early stopping on the validation loss")
-    p.add_argument("--resume", default=None, choices=[None, "auto"], help="'auto': continue from OUT's checkpoints")
-    p.add_argument("--smoke", action="store_true", help="tiny data and model, seconds")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     args = p.parse_args(argv)
-    smoke = args.smoke
     for key, full, tiny in (("train_events", 4096, 32), ("val_events", 512, 16), ("test_events", 1024, 16),
-                            ("pretrain_epochs", 2, 2), ("epochs", 2, 2), ("batch_size", 32, 8),
-                            ("dim", 32, 8), ("token_dim", 64, 16)):
+                            ("batch_size", 32, 8), ("dim", 32, 8), ("token_dim", 64, 16)):
         if getattr(args, key) is None:
-            setattr(args, key, tiny if smoke else full)
-    if smoke:
+            setattr(args, key, tiny if args.smoke else full)
+    if args.smoke:
         args.depth = 1
     return args
 
 
-class _Stopped(Exception):
-    """``--stop-after``: end the run right after a checkpoint, as a kill would."""
-
-
-def shard(n: int, info) -> torch.Tensor:
-    """This rank's rows of an evaluation split: every row once over all ranks."""
-    return torch.arange(info.rank, n, info.world_size)
-
-
 @torch.no_grad()
-def predict(model, split: Split, info, precision: str, batch: int = 64) -> torch.Tensor:
+def predict(model, split: Split, info, precision: str) -> torch.Tensor:
     """Standardised predictions ``(n, 5)`` for every row, computed sharded and gathered on every rank."""
     model.eval()
-    rows = shard(split.n, info)
-    outs = [torch.zeros(0, 5, device=info.device)]
-    for i in range(0, rows.numel(), batch):
-        r = rows[i:i + batch].to(info.device)
+
+    def rows_fn(rows: torch.Tensor) -> torch.Tensor:
         with autocast(info.device, precision):
-            outs.append(model(split.x[r], split.dead.expand(r.numel(), -1)).float())
-    mine = torch.cat(outs)
-    if not is_distributed():
-        return mine
-    size = math.ceil(split.n / info.world_size)
-    padded = torch.cat([mine, mine.new_zeros(size - mine.shape[0], 5)])
-    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
-    dist.all_gather(parts, padded)
-    out = torch.empty(split.n, 5, device=info.device)
-    for rank, part in enumerate(parts):
-        out[rank::info.world_size] = part[: len(range(rank, split.n, info.world_size))]
-    return out
+            return model(split.x[rows], split.dead.expand(rows.numel(), -1)).float()
+
+    return predict_rows(rows_fn, split.n, 64, info.device)
 
 
 @torch.no_grad()
@@ -157,7 +129,7 @@ def validate_mae(model, split: Split, info, args, sensor_mean: torch.Tensor) -> 
     masks = random_mask(split.n, split.dead.numel(), args.mask_ratio, valid=~split.dead.expand(split.n, -1).cpu(),
                         generator=gen).to(info.device)
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # model sq. error, mean sq. error, count
-    rows = shard(split.n, info).to(info.device)
+    rows = torch.arange(info.rank, split.n, info.world_size, device=info.device)  # each row on one rank
     for i in range(0, rows.numel(), 64):
         r = rows[i:i + 64]
         mask = masks[r]
@@ -170,80 +142,71 @@ def validate_mae(model, split: Split, info, args, sensor_mean: torch.Tensor) -> 
     return {"val_loss": float(sums[0] / sums[2]), "val_sensor_mean_mse": float(sums[1] / sums[2])}
 
 
-def train_stage(name: str, model, train: Split, epochs: int, lr: float, weight_decay: float, args, info,
-                step_loss, validate, ema: EMA | None = None) -> dict:
-    """One stage: AdamW + warmup-cosine + accumulation + clipping (+ EMA), validation and a checkpoint
-    per epoch, early stopping; resumes from its checkpoints; ends with the best weights loaded."""
-    device, is_main = info.device, info.is_main
-    out = Path(args.out) / name
+def train_stage(name: str, model, train: Split, epochs: int, lr: float, weight_decay: float, step_loss, validate,
+                args, info, run: RunDir, ema: EMA | None = None, steps_before: int = 0) -> dict:
+    """One stage of AdamW through a Stepper (accumulation, clipping at norm 1, warmup-cosine per optimizer step to
+    0.01 lr, EMA); per epoch a validation, a metrics record and a checkpoint; early stopping; resumes from the
+    stage's checkpoints; ends with the best weights loaded. ``steps_before``: optimizer steps of the earlier
+    stages (``--kill-at-step`` counts the run's steps)."""
+    micro = train.n // args.batch_size  # micro-batches per epoch (drop_last: every rank the same count)
+    if micro < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} is larger than the training split ({train.n} events)")
+    total = epochs * math.ceil(micro / args.accum)
+    warmup = min(int(args.warmup * total), total - 1)
+    schedule = lambda s: warmup_cosine(s, total, warmup, lr, min_lr=0.01 * lr)  # noqa: E731
     ddp = wrap_ddp(model, info, forward_sync_buffers=False)  # constant index buffers
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    per_rank = max(1, args.batch_size // info.world_size)
-    micro_per_epoch = train.n // (per_rank * info.world_size)  # drop_last: every rank the same count
-    if micro_per_epoch < 1:
-        raise ValueError(f"--batch-size: {args.batch_size} is larger than the training split ({train.n} events)")
-    accumulator = GradientAccumulator(args.accum, num_batches=micro_per_epoch)
-    total = epochs * accumulator.steps_per_epoch()
-    warmup = min(int(args.warmup * total), total - 1)
+    stepper = Stepper(ddp, optimizer, precision=args.precision, accumulate=args.accum, num_batches=micro,
+                      clip_value=1.0, schedule=schedule, ema=ema)
     stopper = EarlyStopping(args.patience)
-    ckpt = CheckpointManager(out / "checkpoints", keep_last=1, is_main=is_main)
-    state = {"model": model, "optimizer": optimizer, "stopper": stopper, **({"ema": ema} if ema else {})}
-    start, step = 1, 0
-    resumed = ckpt.load_latest(state) if args.resume == "auto" else None
-    if resumed is not None:
-        start, step = resumed["epoch"] + 1, resumed["opt_step"]
-        if is_main:
-            print(f"{name}: resumed from {resumed['path']} (epoch {resumed['epoch']}, step {step})")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start - 1 if resumed else None, is_main=is_main)
-    dash = Dashboard(total, every_s=15, is_main=is_main, desc=f"{name} ")
+    state = {"model": model, "optimizer": optimizer, "stepper": stepper, "stopper": stopper,
+             **({"ema": ema} if ema else {})}
+    ckpt = run.checkpoints(f"{name}/checkpoints", keep_last=1)  # one checkpoint per epoch, step = epoch
+    resumed = run.resume_from(ckpt, state)
+    log = run.metrics_log(f"{name}/metrics.jsonl", resumed)
+    dash = Dashboard(total, every_s=15, is_main=info.is_main, desc=f"{name} ")
+    if resumed:
+        dash.write(f"{name}: resumed from {resumed['path']} (epoch {resumed['step']}, step {stepper.steps})")
+    per_rank = per_rank_batch(args.batch_size, info.world_size)
     t0 = time.perf_counter()
-    for epoch in range(start, epochs + 1):
+    for epoch in range(resumed["step"] + 1 if resumed else 1, epochs + 1):
         if stopper.stopped:
             break
         # the same permutation on every rank and after a resume; each rank its own slice of every batch
-        order = rank_batches(train.n, per_rank, epoch, args.seed, info.rank, info.world_size).to(device)
+        order = rank_batches(train.n, per_rank, epoch, args.seed, info.rank, info.world_size).to(info.device)
         mask_gen = torch.Generator().manual_seed((args.seed * 1000 + epoch) * 64 + info.rank)  # per rank, per epoch
         ddp.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         for i, rows in enumerate(order):
-            with accumulator.sync_context(ddp, i) as micro:
+            with stepper.micro_batch(i) as mb:
                 loss = step_loss(ddp, rows, mask_gen)
-                accumulator.backward(loss)
+                stepper.backward(loss)
             loss_sum += loss.detach().double()
-            if not micro.step:
-                continue
-            apply_lr(optimizer, warmup_cosine(step, total, warmup, lr, min_lr=0.01 * lr))
-            clip_gradients(model.parameters(), value=1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if ema is not None:
-                ema.update(model, step)
-            dash.update(step, epoch=epoch, loss=loss.detach())
-        record = {"epoch": epoch, "opt_step": step, "lr": optimizer.param_groups[0]["lr"],
-                  "train_loss": float(all_reduce_sum(loss_sum)) / (micro_per_epoch * info.world_size),
+            if mb.step and stepper.step():
+                kill_point(args.kill_at_step, steps_before + stepper.steps)
+                dash.update(stepper.steps, epoch=epoch, loss=loss.detach())
+        record = {"epoch": epoch, "opt_step": stepper.steps, "lr": schedule(stepper.steps - 1),  # the last step's
+                  "train_loss": float(all_reduce_sum(loss_sum)) / (micro * info.world_size),
                   **validate(ema.module if ema is not None else model), "time_s": time.perf_counter() - t0}
         log.log(epoch, **record)  # before the checkpoint, so a resumed log equals an uninterrupted one
         dash.write(f"{name} epoch {epoch}/{epochs}: train {record['train_loss']:.4f} val {record['val_loss']:.4f}")
         stopper.step(record["val_loss"])  # every rank computed the same validation: same decision
-        ckpt.save(epoch, {**state, "epoch": epoch, "opt_step": step}, metric=record["val_loss"])
-        if args.stop_after is not None and epoch >= args.stop_after:
-            raise _Stopped
+        ckpt.save(epoch, state, metric=record["val_loss"])
     dash.close()
-    records = log.read() if is_main else []
+    records = log.read() if info.is_main else []
     log.close()
     best = ckpt.load_best({"model": model, **({"ema": ema} if ema else {})})  # every rank: same weights
-    return {"parameters": count_parameters(model), "best_epoch": best["epoch"] if best else None,
-            "epochs_run": len(records), "opt_steps": step, "train_time_s": time.perf_counter() - t0,
-            "final": records[-1] if records else None}
+    return {"parameters": count_parameters(model), "best_epoch": best["step"] if best else None,
+            "epochs_run": len(records), "opt_steps": stepper.steps, "skipped_steps": stepper.skipped,
+            "train_time_s": time.perf_counter() - t0, "final": records[-1] if records else None}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = setup_distributed()
+    run = RunDir(args.out, run_config(args), resume=args.resume, overwrite=args.overwrite)
     device, is_main = info.device, info.is_main
-    out = Path(args.out)
-    say = print if is_main else (lambda *a, **k: None)
+    say = main_print(is_main)
     seed_everything(args.seed)
     run_start = time.perf_counter()
 
@@ -262,7 +225,6 @@ def main(argv=None) -> None:
         f"{time.perf_counter() - t0:.1f} s; {int(train.dead.sum())} dead sensors; world {info.world_size} on "
         f"{device}, {args.precision}")
     geometry = geometry.to(device)
-    per_rank_batch = max(1, args.batch_size // info.world_size)
     kw = {"dim": args.dim, "depth": args.depth, "token_dim": args.token_dim, "hex_dim": max(8, args.token_dim // 2)}
 
     def regression_loss(ddp, rows, _gen):
@@ -282,32 +244,29 @@ def main(argv=None) -> None:
         return {"val_loss": float((z - val.z).square().mean()),
                 **{f"val_mse_{n}": float((z[:, k] - val.z[:, k]).square().mean()) for k, n in enumerate(TARGET_NAMES)}}
 
-    results, stages, predictions = {}, {}, {}
-    try:
-        # --- stage 1: FCMAE pretraining -------------------------------------------------------------
-        torch.manual_seed(args.seed + 1)
-        mae = XECMAE(XECEncoder(geometry, **kw), geometry).to(device)
-        stages["pretrain"] = train_stage("pretrain", mae, unlabeled, args.pretrain_epochs, args.mae_lr,
-                                         args.mae_weight_decay, args, info, mae_step,
-                                         lambda m: validate_mae(m, val, info, args, sensor_mean))
-        say(f"pretrain: {stages['pretrain']['parameters']:,} parameters, val masked MSE "
-            f"{stages['pretrain']['final']['val_loss'] if is_main else 0:.5f}")
-        # --- stages 2 and 3: fine-tune from the pretrained encoder, and from scratch ----------------
-        for name in ("finetune", "scratch"):
-            torch.manual_seed(args.seed + 2)  # same head init for both
-            encoder = copy.deepcopy(mae.encoder) if name == "finetune" else XECEncoder(geometry, **kw)
-            model = XECRegressor(encoder).to(device)
-            ema = EMA(model, decay=args.ema)
-            stages[name] = train_stage(name, model, train, args.epochs, args.lr, args.weight_decay, args, info,
-                                       regression_loss, validate_regression, ema=ema)
-            z = predict(ema.module, test, info, args.precision)
-            predictions[name] = (z * train.std + train.mean).cpu()
-            results[name] = resolution(predictions[name], test.targets)
-            say(f"{name}: {stages[name]['parameters']:,} parameters, best epoch {stages[name]['best_epoch']}, "
-                f"{stages[name]['train_time_s']:.0f} s")
-    except _Stopped:
-        teardown_distributed()
-        return
+    # --- stage 1: FCMAE pretraining -----------------------------------------------------------------
+    torch.manual_seed(args.seed + 1)
+    mae = XECMAE(XECEncoder(geometry, **kw), geometry).to(device)
+    stages = {"pretrain": train_stage("pretrain", mae, unlabeled, args.pretrain_epochs, args.mae_lr,
+                                      args.mae_weight_decay, mae_step,
+                                      lambda m: validate_mae(m, val, info, args, sensor_mean), args, info, run)}
+    say(f"pretrain: {stages['pretrain']['parameters']:,} parameters, val masked MSE "
+        f"{stages['pretrain']['final']['val_loss'] if is_main else 0:.5f}")
+    # --- stages 2 and 3: fine-tune from the pretrained encoder, and from scratch --------------------
+    results, predictions = {}, {}
+    for name in ("finetune", "scratch"):
+        torch.manual_seed(args.seed + 2)  # same head init for both
+        encoder = copy.deepcopy(mae.encoder) if name == "finetune" else XECEncoder(geometry, **kw)
+        model = XECRegressor(encoder).to(device)
+        ema = EMA(model, decay=args.ema)
+        stages[name] = train_stage(name, model, train, args.epochs, args.lr, args.weight_decay, regression_loss,
+                                   validate_regression, args, info, run, ema=ema,
+                                   steps_before=sum(stage["opt_steps"] for stage in stages.values()))
+        z = predict(ema.module, test, info, args.precision)
+        predictions[name] = (z * train.std + train.mean).cpu()
+        results[name] = resolution(predictions[name], test.targets)
+        say(f"{name}: {stages[name]['parameters']:,} parameters, best epoch {stages[name]['best_epoch']}, "
+            f"{stages[name]['train_time_s']:.0f} s")
 
     # --- report -------------------------------------------------------------------------------------
     results = {"train mean": resolution(train.mean.expand(test.n, -1), test.targets),
@@ -329,29 +288,24 @@ def main(argv=None) -> None:
         table = "\n".join(lines)
         print("\n" + table)
         wall = time.perf_counter() - run_start
-        summary = {"args": vars(args), "world_size": info.world_size, "device": str(device),
+        summary = {"world_size": info.world_size, "device": str(device),
                    "events": {"train": unlabeled.n, "labeled": train.n, "val": val.n, "test": test.n},
-                   "per_rank_batch": per_rank_batch,
+                   "per_rank_batch": per_rank_batch(args.batch_size, info.world_size),
                    "stages": stages, "results": results, "finetune_better_than_scratch": better, "table": table,
                    "wall_time_s": wall}
         predictions["classical"] = classical.predict(test.events)
-        plot = plot_predictions(predictions, test.targets.cpu(), out / "predictions.png")
-        if plot is not None:
-            summary["plots"] = [str(plot)]
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"\nwrote {out / 'summary.json'} (wall time {wall:.0f} s)")
+        if plot_predictions(predictions, test.targets.cpu(), run.file("predictions.png")):
+            summary["plots"] = ["predictions.png"]
+        print(f"\nwrote {run.write_json('summary.json', summary)} (wall time {wall:.0f} s)")
+    run.finish()
     teardown_distributed()
 
 
-def plot_predictions(predictions: dict, true: torch.Tensor, path: Path) -> Path | None:
-    """Predicted vs true on the test split, one panel per target (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def plot_predictions(predictions: dict, true: torch.Tensor, path: Path) -> bool:
+    """Predicted vs true on the test split, one panel per target; False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
     fig, axes = plt.subplots(1, len(TARGET_NAMES), figsize=(4 * len(TARGET_NAMES), 4))
     for k, (ax, t) in enumerate(zip(axes, TARGET_NAMES)):
         for name, pred in predictions.items():
@@ -365,7 +319,7 @@ def plot_predictions(predictions: dict, true: torch.Tensor, path: Path) -> Path 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
+    return True
 
 
 if __name__ == "__main__":

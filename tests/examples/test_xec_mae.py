@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from run_contract import (
+    check_changed_config_is_refused,
+    check_concurrent_runs,
+    check_damaged_checkpoints_are_refused,
+    check_overwrite_keeps_the_old_run,
+    check_sigkill_resume_is_exact,
+    check_used_out_is_refused,
+)
 from torchrun_helpers import read_metrics, run_example
 from xec.batches import Classical, Split, resolution
 from xec.events import generate
@@ -15,6 +24,7 @@ from xec.mae import XECMAE, mae_loss
 from xec.model import XECEncoder, XECRegressor, sensor_inputs
 
 from blockyard.blocks import random_mask
+from blockyard.train.serialize import unpack
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "xec_mae.py"
 TIMEOUT = 300
@@ -133,25 +143,34 @@ def test_classical_estimators_beat_the_training_mean(one_thread):
     assert est["w"]["rmse"] != est["w"]["rmse"]  # no depth estimator: NaN, not a fake number
 
 
-def run_script(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_example(SCRIPT, out, *extra, timeout=TIMEOUT)
-
-
 STAGES = ("pretrain", "finetune", "scratch")
+METRICS = [f"{stage}/metrics.jsonl" for stage in STAGES]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("xec")
-    return out, run_script(out, "--accum", "2")
+    """One finished 2-process smoke run: checked end to end, copied for each run-contract check, and the
+    reference of the killed-and-resumed run."""
+    out = tmp_path_factory.mktemp("xec") / "run"
+    return out, run_example(SCRIPT, out, timeout=TIMEOUT)
+
+
+def assert_learned(out: Path, drop: float = 0.05) -> None:
+    """Every stage's validation loss fell by ``drop`` from epoch 1 to 2 (fixed validation events and masks: with
+    a no-op optimizer step it stays equal), and the regressors beat the standardised training mean (MSE ~1)."""
+    for stage in STAGES:
+        first, last = (r["val_loss"] for r in read_metrics(out / stage / "metrics.jsonl"))
+        assert last < (1 - drop) * first, (stage, first, last)
+    for stage in ("finetune", "scratch"):
+        assert read_metrics(out / stage / "metrics.jsonl")[-1]["val_loss"] < 0.9, stage
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_smoke_run_pretrains_finetunes_and_reports(ddp_run):
+def test_two_process_smoke_run_pretrains_finetunes_learns_and_reports(ddp_run):
     out, proc = ddp_run
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["per_rank_batch"] == 4
     assert list(summary["results"]) == ["train mean", "classical", "finetune", "scratch"]
     for name in ("finetune", "scratch"):
         for target in ("u", "v", "w", "energy", "t0"):
@@ -159,22 +178,57 @@ def test_two_process_smoke_run_pretrains_finetunes_and_reports(ddp_run):
     for stage in STAGES:
         records = read_metrics(out / stage / "metrics.jsonl")
         assert [r["epoch"] for r in records] == [1, 2]
-        assert records[-1]["opt_step"] == 4  # 32 events / 8 per micro-batch = 4 micro-batches, accum 2, 2 epochs
+        assert records[-1]["opt_step"] == 8  # 32 events / 8 per step = 4 steps, 2 epochs
         assert (out / stage / "checkpoints").is_dir()
     assert "val_sensor_mean_mse" in read_metrics(out / "pretrain" / "metrics.jsonl")[0]
+    assert_learned(out)
     assert "test resolution" in proc.stdout and "energy [MeV]" in proc.stdout
     assert (out / "predictions.png").stat().st_size > 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+ON_A_FINISHED_RUN = {
+    "used_out_is_refused": check_used_out_is_refused,
+    "damaged_checkpoints_are_refused": check_damaged_checkpoints_are_refused,
+    "changed_architecture_is_refused": lambda script, out: check_changed_config_is_refused(
+        script, out, "--dim", "12", key="dim: saved 8, requested 12"),
+    "overwrite_keeps_the_old_run": check_overwrite_keeps_the_old_run,
+}
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_killed_run_resumes_to_the_same_metrics(ddp_run, tmp_path):
-    run_script(tmp_path, "--accum", "2", "--stop-after", "1")
-    assert [r["epoch"] for r in read_metrics(tmp_path / "pretrain" / "metrics.jsonl")] == [1]
-    assert not (tmp_path / "finetune").exists() and not (tmp_path / "summary.json").exists()
-    proc = run_script(tmp_path, "--accum", "2", "--resume", "auto")
-    assert "pretrain: resumed from" in proc.stdout
+@pytest.mark.parametrize("check", list(ON_A_FINISHED_RUN))
+def test_run_contract_on_a_finished_run(ddp_run, tmp_path, check):
+    """A launch on a copy of the finished run: refused with every file unchanged, or (overwrite) moved aside."""
+    ON_A_FINISHED_RUN[check](SCRIPT, Path(shutil.copytree(ddp_run[0], tmp_path / "run")))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_concurrent_runs_and_fp16_with_accumulation_trains_with_a_real_scaler(tmp_path):
+    """Two runs at once on one folder: one is refused; the other (fp16, 2 micro-batches per step) trains
+    through a real GradScaler: its scale is checkpointed, and skipped overflow steps are counted."""
+    out = tmp_path / "run"
+    check_concurrent_runs(SCRIPT, out, "--precision", "fp16", "--accum", "2")
+    summary = json.loads((out / "summary.json").read_text())
     for stage in STAGES:
-        assert read_metrics(tmp_path / stage / "metrics.jsonl") == read_metrics(ddp_run[0] / stage / "metrics.jsonl")
+        newest = sorted((out / stage / "checkpoints").glob("step_*"))[-1]
+        stepper, _ = unpack((newest / "stepper.safetensors").read_bytes())
+        scale = stepper["scaler"]["scale"]
+        assert scale > 0 and math.log2(scale) % 1 == 0, stepper  # a real scaler: a power of two
+        # 4 micro-batches of 8 per epoch, 2 per step: 4 steps in 2 epochs, taken or skipped on overflow
+        assert summary["stages"][stage]["opt_steps"] + stepper["skipped"] == 4 == stepper["steps"] + stepper["skipped"]
+    assert_learned(out, drop=0.02)  # 2 steps an epoch here, one of them perhaps skipped on an overflow
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(ddp_run, tmp_path):
+    """SIGKILL after the run's optimizer step 14: the 6th of fine-tuning, in its 2nd epoch (pretraining took 8 and
+    is finished, fine-tuning's epoch-1 checkpoint exists); then --resume auto: pretraining's best weights are
+    reloaded, fine-tuning continues from its epoch 1, the scratch stage starts."""
+    out = tmp_path / "run"
+    check_sigkill_resume_is_exact(SCRIPT, out, ddp_run[0], METRICS, 14)
     ref = json.loads((ddp_run[0] / "summary.json").read_text())["table"]  # the results, as printed
-    assert json.loads((tmp_path / "summary.json").read_text())["table"] == ref
+    assert json.loads((out / "summary.json").read_text())["table"] == ref
