@@ -1,27 +1,37 @@
 """FusionNet v2: learn which local rewiring op lowers the zone crossings of a Hamiltonian path.
 
-System: FusionNet v2 (../shared/seeds/000_bfc0f795d7b4992e.txt). A grid is split into zones and
-covered by one Hamiltonian path; 12 local ops rewire the path inside a 3x3 (or 3x2, 2x3) window.
-A simulated-annealing teacher records op sequences that lower the number of path edges between
-zones; FusionNet (a GroupNorm U-Net with history-FiLM, bottleneck attention, K=4
-winner-takes-all position heatmaps and a 12-way action map) learns to propose the teacher's
-next op. This script builds the dataset if it is missing, trains with DDP, validates every
-epoch against honest baselines (uniform and train-frequency picks among the legal anchors),
-judges the seed's staged-validation criteria, and runs the inference evaluation (model-guided
-search vs random and annealing baselines on held-out trajectories).
+System: FusionNet v2. A grid is split into zones and covered by one Hamiltonian path; 12 local
+ops rewire the path inside a 3x3 (or 3x2, 2x3) window. A simulated-annealing teacher records op
+sequences that lower the number of path edges between zones; FusionNet (a GroupNorm U-Net with
+history-FiLM, bottleneck attention, K=4 winner-takes-all position heatmaps and a 12-way action
+map) learns to propose the teacher's next op. This script builds the dataset if it is missing,
+trains with DDP, validates every epoch against honest baselines (uniform and train-frequency
+picks among the legal anchors), judges the seed's staged-validation criteria, and runs the
+inference evaluation (model-guided search vs random and annealing baselines on held-out
+trajectories).
 
     python examples/fusion_ddp.py                                          # one process
     torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py        # default CPU run
     torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py --resume auto
     python examples/fusion_ddp.py --eval runs/fusion/checkpoints           # inference table only
 
-Writes to --out: metrics.jsonl (one record per epoch), checkpoints/, summary.json,
-curves.png, heatmaps.png.
+Device defaults: --epochs 200 on CUDA, 4 on the CPU, 2 with --smoke; --batch-size (global,
+summed over the processes) 64 per process on CUDA, 32 on the CPU, 16 with --smoke, times the
+number of processes; --widths 48,96,192,192 (the seed's) on CUDA, 16,32,64,64 on the CPU.
+
+Writes to --out: run.json, metrics.jsonl (one record per epoch), checkpoints/, summary.json,
+curves.png, heatmaps.png; the dataset is cached in OUT/data unless --data names one.
+
+--eval CHECKPOINT (a checkpoints folder, for its best by validation loss, or one step_* in it)
+runs only the inference evaluation: the model comes from the checkpoint's run.json (else from
+the flags), the dataset from that run's folder (or --data). It reads the training run's folder
+and never writes there (it may still be training): eval.json goes to a run folder of its own,
+--out if given, else RUN/eval (a used one is refused unless --overwrite).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -40,47 +50,28 @@ from fusion.plots import plot_curves, plot_heatmaps
 from blockyard.blocks import count_parameters
 from blockyard.data import BucketBatchSampler, GroupedStore
 from blockyard.losses import CompositeLoss, neighborhood_cross_entropy, wta_heatmap_loss
-from blockyard.train import (
-    EMA,
-    CheckpointManager,
-    Dashboard,
-    EarlyStopping,
-    GradientAccumulator,
-    MetricsLog,
-    NonFiniteGuard,
-    all_reduce_sum,
-    apply_lr,
-    autocast,
-    barrier,
-    clip_gradients,
-    make_grad_scaler,
-    scaler_step,
-    seed_everything,
-    setup_distributed,
-    teardown_distributed,
-    warmup_cosine,
-    wrap_ddp,
-)
+from blockyard.train import EMA, Dashboard, EarlyStopping, RunDir, Stepper, autocast, warmup_cosine
+from blockyard.train.cli import add_common_args, kill_point, main_print, per_rank_batch, run_config
+from blockyard.train.distributed import all_reduce_sum, barrier, setup_distributed, teardown_distributed, wrap_ddp
+from blockyard.train.sweeps import seed_everything
+
+# may change between a run and its resume without changing its results
+NOT_CONFIG = ("data", "workers", "loader_workers", "checkpoint_every", "eval")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/fusion")
+    add_common_args(p, out="runs/fusion", lr=4e-4, precision="bf16")
+    p.set_defaults(out=None)  # --eval's default differs (see above)
     p.add_argument("--data", default=None, help="dataset directory (default OUT/data; built if missing)")
-    p.add_argument("--epochs", type=int, default=None, help="default 200 on CUDA, 4 on the CPU, 2 with --smoke")
-    p.add_argument("--batch-size", type=int, default=None, help="per rank; default 64 on CUDA, 32 on the CPU")
-    p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup", type=float, default=0.05, help="warmup steps as a fraction of all steps")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUT/checkpoints) or a checkpoint dir")
-    p.add_argument("--smoke", action="store_true", help="tiny data and model, a few seconds")
     p.add_argument("--eval", default=None, metavar="CHECKPOINT", help="evaluate a checkpoint: inference table only")
     p.add_argument("--workers", type=int, default=None, help="dataset build processes (default: the CPUs we may use)")
     p.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     p.add_argument("--patience", type=int, default=40, help="early stopping on val loss")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimizer step (each of --batch-size samples)")
     p.add_argument("--widths", default=None, help="U-Net widths, e.g. 48,96,192,192 (seed); CPU default 16,32,64,64")
     p.add_argument("--hypotheses", type=int, default=4)
     p.add_argument("--rnn-hidden", type=int, default=None, help="history GRU width (default 64, 192 with seed widths)")
@@ -89,15 +80,13 @@ def parse_args(argv=None):
                    help="channels_last model and inputs (slower on the CPU here: benchmarks/fusion_train.py)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="keep every N-th epoch's checkpoint")
     p.add_argument("--n-per-pattern", type=int, default=None, help="inference grids per zone pattern")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.smoke:
-        defaults = {"epochs": 2, "batch_size": 16, "widths": "8,8,8,8", "rnn_hidden": 16, "n_per_pattern": 2}
+        defaults = {"epochs": 2, "widths": "8,8,8,8", "rnn_hidden": 16, "n_per_pattern": 2}
     else:
-        defaults = {"epochs": 200 if cuda else 4, "batch_size": 64 if cuda else 32,
-                    "widths": "48,96,192,192" if cuda else "16,32,64,64", "rnn_hidden": 192 if cuda else 64,
-                    "n_per_pattern": 25 if cuda else 16}
+        defaults = {"epochs": 200 if cuda else 4, "widths": "48,96,192,192" if cuda else "16,32,64,64",
+                    "rnn_hidden": 192 if cuda else 64, "n_per_pattern": 25 if cuda else 16}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -111,17 +100,20 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     info = setup_distributed()
     device, is_main = info.device, info.is_main
-    out = Path(args.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    if args.batch_size is None:  # each process keeps its batch: 64 on CUDA, 32 on the CPU, 16 with --smoke
+        args.batch_size = (16 if args.smoke else 64 if device.type == "cuda" else 32) * info.world_size
+    batch_size = per_rank_batch(args.batch_size, info.world_size)
     seed_everything(args.seed + info.rank)  # dropout differs per rank; DDP broadcasts rank 0's init
-    say = print if is_main else (lambda *a, **k: None)
-
+    say = main_print(is_main)
     if args.eval is not None:
-        return evaluate_checkpoint(args, info, out)
+        evaluate_checkpoint(args, info)
+        teardown_distributed()
+        return
+    args.out = args.out or "runs/fusion"
+    run = RunDir(args.out, run_config(args, ignore=NOT_CONFIG), resume=args.resume, overwrite=args.overwrite)
 
     # --- data: rank 0 builds the dataset once, the others wait ---------------------------------
-    data_dir = Path(args.data) if args.data else out / "data"
+    data_dir = Path(args.data) if args.data else run.path / "data"
     if is_main:
         t0 = time.perf_counter()
         build_data.ensure_dataset(data_dir, smoke=args.smoke, workers=args.workers)
@@ -131,20 +123,20 @@ def main(argv=None) -> None:
     val_store = GroupedStore(data_dir / "val", verify=is_main)
     train_set = FusionSamples(train_store, augment=True, seed=args.seed)
     val_set = FusionSamples(val_store)
-    train_sampler = BucketBatchSampler(train_set, args.batch_size, shuffle=True, seed=args.seed, drop_last=True,
+    train_sampler = BucketBatchSampler(train_set, batch_size, shuffle=True, seed=args.seed, drop_last=True,
                                        rank=info.rank, world_size=info.world_size)
     # Validation: every sample exactly once over all ranks (no padding batches); ranks may run
     # different numbers of batches, so validation uses the unwrapped model and no collectives.
-    val_batches = list(BucketBatchSampler(val_set, 2 * args.batch_size, shuffle=False))[info.rank::info.world_size]
+    val_batches = list(BucketBatchSampler(val_set, 2 * batch_size, shuffle=False))[info.rank::info.world_size]
     loader_kw = {"num_workers": args.loader_workers, "collate_fn": collate, "pin_memory": device.type == "cuda"}
     train_loader = DataLoader(train_set, batch_sampler=train_sampler, **loader_kw)
     val_loader = DataLoader(val_set, batch_sampler=val_batches, **loader_kw)
     prior = frequency_prior(train_store)
     say(f"train {len(train_store)} samples {train_store!r}\nval {len(val_store)} samples; world {info.world_size} "
-        f"on {device}, {args.precision}, {len(train_loader)} batches of {args.batch_size} per rank per epoch")
+        f"on {device}, {args.precision}, {len(train_loader)} batches of {batch_size} per rank per epoch")
 
     # --- model: FusionNet from blockyard blocks (examples/fusion/model.py) -------------------
-    model_config = {"widths": list(args.widths), "hypotheses": args.hypotheses, "rnn_hidden": args.rnn_hidden}
+    model_config = {"widths": args.widths, "hypotheses": args.hypotheses, "rnn_hidden": args.rnn_hidden}
     net = build_model(model_config, device, bool(args.channels_last))
     model = wrap_ddp(net, info)
     ema = EMA(net, decay=args.ema) if args.ema > 0 else None
@@ -166,37 +158,28 @@ def main(argv=None) -> None:
         wta = wta_heatmap_loss(out.position, inputs.centers, inputs.mask, sigma=2.0)  # float32 inside
         return out, inputs, criterion(out, batch, inputs, wta)
 
-    # --- optimizer, schedule, checkpoints ------------------------------------------------------
+    # --- optimizer step (accumulation, scaler, non-finite skip, clip 1.0, warmup + cosine per step, EMA)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = make_grad_scaler(args.precision, device)
-    accumulator = GradientAccumulator(args.accum, num_batches=len(train_loader))
-    steps_per_epoch = accumulator.steps_per_epoch()
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = args.epochs * math.ceil(len(train_loader) / args.accum)
     warmup_steps = min(int(args.warmup * total_steps), total_steps - 1)
+    stepper = Stepper(model, optimizer, precision=args.precision, accumulate=args.accum, num_batches=len(train_loader),
+                      clip_value=1.0, ema=ema,
+                      schedule=lambda s: warmup_cosine(s, total_steps, warmup_steps, args.lr, min_lr=0.01 * args.lr))
     stopper = EarlyStopping(args.patience)
-    guard = NonFiniteGuard()
-    ckpt = CheckpointManager(out / "checkpoints", every=args.checkpoint_every, keep_last=1)
-    if is_main:  # lets --eval rebuild the model from a checkpoint folder alone
-        ckpt.directory.mkdir(parents=True, exist_ok=True)
-        (ckpt.directory / "config.json").write_text(json.dumps(model_config))
-    state = {"model": model, "optimizer": optimizer, "scaler": scaler, "stopper": stopper}
-    if ema is not None:
-        state["ema"] = ema
-    start_epoch, step, skipped = 1, 0, 0
-    if args.resume:
-        resumed = ckpt.load_latest(state) if args.resume == "auto" else ckpt.load(args.resume, state)
-        if resumed is not None:
-            start_epoch, step, skipped = resumed["epoch"] + 1, resumed["opt_step"], resumed["skipped"]
-            say(f"resumed from {resumed['path']} (epoch {resumed['epoch']}, step {step})")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start_epoch - 1 if args.resume else None, is_main=is_main)
-    apply_lr(optimizer, warmup_cosine(step, total_steps, warmup_steps, args.lr, min_lr=0.01 * args.lr))
+    ckpt = run.checkpoints(every=args.checkpoint_every, keep_last=1)
+    state = {"model": model, "optimizer": optimizer, "stepper": stepper, "stopper": stopper,
+             **({"ema": ema} if ema is not None else {})}
+    resumed = run.resume_from(ckpt, state)
+    start_epoch = 1 if resumed is None else resumed["epoch"] + 1
+    if resumed is not None:
+        say(f"resumed from {resumed['path']} (epoch {resumed['epoch']}, step {stepper.steps})")
+    log = run.metrics_log("metrics.jsonl", resumed)
 
     # --- train ---------------------------------------------------------------------------------
     run_start = time.perf_counter()
     dash = Dashboard(total_steps, every_s=15, is_main=is_main, desc="train ")
-    stopped = stopper.stopped
     for epoch in range(start_epoch, args.epochs + 1):
-        if stopped:
+        if stopper.stopped:
             break
         epoch_start = time.perf_counter()
         train_sampler.set_epoch(epoch)
@@ -205,46 +188,28 @@ def main(argv=None) -> None:
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, loss, pos, act
         for i, batch in enumerate(train_loader):
             batch = batch.to(device)
-            with accumulator.sync_context(model, i) as micro:
+            with stepper.micro_batch(i) as mb:
                 _, _, loss = forward(model, batch)
-                accumulator.backward(loss.total, scaler)
+                stepper.backward(loss.total)
             n = batch.target.shape[0]
             sums += torch.stack([torch.tensor(float(n), device=device), n * loss.total.detach(),
                                  n * loss.terms["pos"], n * loss.terms["act"]]).double()
-            if not micro.step:
-                continue
-            scaler.unscale_(optimizer)
-            if guard.should_skip(loss.total, net.parameters()):
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                continue
-            clip_gradients(net.parameters(), value=1.0)
-            if scaler_step(scaler, optimizer):
-                step += 1
-                apply_lr(optimizer, warmup_cosine(step, total_steps, warmup_steps, args.lr, min_lr=0.01 * args.lr))
-                if ema is not None:
-                    ema.update(model, step)
-            optimizer.zero_grad(set_to_none=True)
-            dash.update(step, epoch=epoch, loss=loss.total.detach(), lr=optimizer.param_groups[0]["lr"])
+            if mb.step and stepper.step():
+                kill_point(args.kill_at_step, stepper.steps)
+                dash.update(stepper.steps, epoch=epoch, loss=loss.total.detach(), lr=stepper.lr)
         train = all_reduce_sum(sums).tolist()
         val = validate(ema.module if ema is not None else net, val_loader, forward, args.hypotheses, prior, device)
-        record = {"epoch": epoch, "opt_step": step, "lr": optimizer.param_groups[0]["lr"],
-                  "train_loss": train[1] / train[0], "train_pos": train[2] / train[0], "train_act": train[3] / train[0],
-                  **val, "skipped_steps": skipped, "epoch_time_s": time.perf_counter() - epoch_start}
+        record = {"epoch": epoch, "opt_step": stepper.steps, "lr": stepper.lr, "train_loss": train[1] / train[0],
+                  "train_pos": train[2] / train[0], "train_act": train[3] / train[0], **val,
+                  "skipped_steps": stepper.skipped, "epoch_time_s": time.perf_counter() - epoch_start}
         log.log(epoch, **record)  # before the checkpoint, so a resumed log equals an uninterrupted one
         dash.write(f"epoch {epoch}/{args.epochs}: train {record['train_loss']:.4f} val {val['loss']:.4f} | "
                    f"pos top-1 {val['pos_acc_top1']:.1%} top-5 {val['pos_acc_top5']:.1%} oracle "
                    f"{val['oracle_acc_top1']:.1%} | act {val['act_acc_at_gt']:.1%} | baseline freq "
                    f"{val['baseline_freq_top1']:.1%} uniform {val['baseline_uniform_top1']:.1%} | "
                    f"{record['epoch_time_s']:.0f} s")
-        stopped = stopper.step(val["loss"])
-        ckpt.save(epoch, {**state, "epoch": epoch, "opt_step": step, "skipped": skipped,
-                          "config": model_config}, metric=val["loss"])
-        if args.stop_after is not None and epoch >= args.stop_after:
-            dash.close()
-            teardown_distributed()
-            return
+        stopper.step(val["loss"])
+        ckpt.save(epoch, {**state, "epoch": epoch}, metric=val["loss"])
     dash.close()
     train_time = time.perf_counter() - run_start
 
@@ -252,9 +217,9 @@ def main(argv=None) -> None:
     records = log.read() if is_main else []
     log.close()
     if is_main:
-        best_record = min(records, key=lambda r: r["loss"])
-        CheckpointManager(ckpt.directory, rng=False, is_main=True).load(
-            ckpt.directory / f"step_{best_record['epoch']:08d}", {"model": net, **({"ema": ema} if ema else {})})
+        weights = {"model": net, **({"ema": ema} if ema else {})}
+        best = ckpt.load_best(weights) or ckpt.load_latest(weights)  # the latest when no val loss was finite
+        best_record = next(r for r in records if r["epoch"] == best["epoch"])
         eval_net = (ema.module if ema is not None else net).eval()
         t0 = time.perf_counter()
         inference = infer.run_evaluation(eval_net, data_dir, n_per_pattern=args.n_per_pattern, seed=args.seed,
@@ -273,17 +238,18 @@ def main(argv=None) -> None:
         print("\nstaged validation (seed's criteria, judged on this run):")
         for c in criteria:
             print(f"  stage {c['stage']} [{c['result']:>4}] {c['rule']}: {c['measured']}")
-        plots = [plot_curves(records, out / "curves.png")]
+        plots = [plot_curves(records, run.file("curves.png"))]
         heat_batch = val_set.__getitems__(next(iter(BucketBatchSampler(val_set, 4, seed=args.seed)))).to(device)
-        plots.append(plot_heatmaps(eval_net, heat_batch, out / "heatmaps.png"))
-        summary = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                   "world_size": info.world_size, "device": str(device), "parameters": count_parameters(net),
-                   "dataset": str(data_dir), "train_samples": len(train_store), "val_samples": len(val_store),
-                   "final": last, "best_epoch": best_record["epoch"], "best": best_record, "criteria": criteria,
-                   "inference": inference, "inference_table": table, "train_time_s": train_time,
-                   "inference_time_s": inference_time, "plots": [str(p) for p in plots if p is not None]}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
-        print(f"\nwrote {out / 'summary.json'} (train {train_time:.0f} s, inference {inference_time:.0f} s)")
+        plots.append(plot_heatmaps(eval_net, heat_batch, run.file("heatmaps.png")))
+        summary = {"world_size": info.world_size, "per_rank_batch": batch_size, "device": str(device),
+                   "parameters": count_parameters(net), "dataset": str(data_dir), "train_samples": len(train_store),
+                   "val_samples": len(val_store), "final": last, "best_epoch": best_record["epoch"],
+                   "best": best_record, "criteria": criteria, "inference": inference, "inference_table": table,
+                   "train_time_s": train_time, "inference_time_s": inference_time,
+                   "plots": [str(p) for p in plots if p is not None]}
+        print(f"\nwrote {run.write_json('summary.json', summary)} (train {train_time:.0f} s, inference "
+              f"{inference_time:.0f} s)")
+    run.finish()
     teardown_distributed()
 
 
@@ -304,28 +270,29 @@ def build_model(config: dict, device: torch.device, channels_last: bool) -> Fusi
     return net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def evaluate_checkpoint(args, info, out: Path) -> None:
-    """``--eval CHECKPOINT``: a ``step_*`` dir, or a checkpoints dir (its best); inference table only."""
-    path = Path(args.eval)
-    folder = path.parent if (path / "manifest.json").exists() else path
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else \
-        {"widths": list(args.widths), "hypotheses": args.hypotheses, "rnn_hidden": args.rnn_hidden}
+def evaluate_checkpoint(args, info) -> None:
+    """``--eval CHECKPOINT``: the inference table of one checkpoint, in ``eval.json`` of a run folder of its own."""
+    checkpoint = Path(args.eval)
+    run_folder = (checkpoint.parent if (checkpoint / "manifest.json").exists() else checkpoint).parent
+    out = Path(args.out) if args.out else run_folder / "eval"
+    if out.resolve() == run_folder.resolve():
+        raise ValueError(f"--out: expected a folder of the evaluation's own (default {run_folder / 'eval'}), got "
+                         f"{out}, the run folder of the checkpoint it evaluates")
+    config = infer.saved_model_config(checkpoint) or \
+        {"widths": args.widths, "hypotheses": args.hypotheses, "rnn_hidden": args.rnn_hidden}
     net = build_model(config, info.device, bool(args.channels_last))
-    manager = CheckpointManager(folder, rng=False, is_main=info.is_main)
-    loaded = manager.load(path, {"model": net}) if folder != path else manager.load_best({"model": net})
-    if loaded is None:
-        raise FileNotFoundError(f"--eval: no checkpoint in {path}")
+    loaded = infer.load_checkpoint(checkpoint, net)  # reads only: the training run may still be writing there
+    run = RunDir(out, {**run_config(args, ignore=NOT_CONFIG), "eval": str(checkpoint.resolve()), "model": config},
+                 resume=args.resume, overwrite=args.overwrite)
     if info.is_main:
-        data_dir = Path(args.data) if args.data else out / "data"
+        data_dir = Path(args.data) if args.data else run_folder / "data"
         results = infer.run_evaluation(net.eval(), data_dir, n_per_pattern=args.n_per_pattern, seed=args.seed,
                                        device=str(info.device), smoke=args.smoke)
         table = infer.format_table(results)
         print(f"checkpoint {loaded['path']} (epoch {loaded.get('epoch')})\n{table}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"checkpoint": loaded["path"], "epoch": loaded.get("epoch"),
-                                                   "inference": results, "inference_table": table}, indent=2))
-    teardown_distributed()
+        run.write_json("eval.json", {"checkpoint": loaded["path"], "epoch": loaded.get("epoch"), "model": config,
+                                     "inference": results, "inference_table": table})
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -39,14 +39,51 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `fusion` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from blockyard.train import RUN_FILE, CheckpointManager
 from fusion.encoding import encode, legal_anchor_mask, state_channels
 from fusion.env import FusionEnv
 from fusion.search import History, ScoreRequest, Scores, anneal, drive, greedy_search
 from fusion.teacher import env_from_record, replay_steps
 
-__all__ = ["Start", "format_table", "load_test_records", "mid_trajectory_starts", "model_scorer", "run_evaluation"]
+__all__ = ["Start", "format_table", "load_checkpoint", "load_test_records", "mid_trajectory_starts", "model_scorer",
+           "run_evaluation", "saved_model_config"]
 
 log = logging.getLogger(__name__)
+
+
+def _checkpoint_folder(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint)
+    return path.parent if (path / "manifest.json").exists() else path
+
+
+def saved_model_config(checkpoint: str | Path) -> dict[str, Any] | None:
+    """FusionNet's keywords as saved by the run that wrote ``checkpoint``, or None if it saved none.
+
+    ``checkpoint`` is a run's checkpoint folder (``RUN/checkpoints``) or one ``step_*`` in it; the
+    configuration is read from that run's ``RUN/run.json`` (written by ``fusion_ddp.py``).
+    """
+    run_file = _checkpoint_folder(checkpoint).parent / RUN_FILE
+    config = json.loads(run_file.read_text()).get("config", {}) if run_file.exists() else {}
+    if not {"widths", "hypotheses", "rnn_hidden"} <= set(config):
+        return None
+    return {"widths": tuple(config["widths"]), "hypotheses": config["hypotheses"], "rnn_hidden": config["rnn_hidden"]}
+
+
+def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load ``model``'s weights from one ``step_*`` checkpoint, or from a checkpoint folder's best.
+
+    Only reads: the folder may belong to a run that is still writing it.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` holds no intact checkpoint.
+    """
+    path = Path(checkpoint)
+    folder = _checkpoint_folder(path)
+    manager = CheckpointManager(folder, rng=False, is_main=False)  # is_main=False: never clean up its folder
+    loaded = manager.load(path, {"model": model}) if folder != path else manager.load_best({"model": model})
+    if loaded is None:
+        raise FileNotFoundError(f"checkpoint: no intact checkpoint with a metric in {path}")
+    return loaded
 
 
 def model_scorer(model: torch.nn.Module, *, device: str | torch.device = "cpu",
@@ -319,7 +356,6 @@ def format_table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from blockyard.train import CheckpointManager
     from fusion.model import FusionNet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -333,18 +369,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    folder = args.checkpoint.parent if (args.checkpoint / "manifest.json").exists() else args.checkpoint
-    config_file = folder / "config.json"  # written by fusion_ddp.py next to its checkpoints
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    net = FusionNet(**{k: tuple(v) if k == "widths" else v for k, v in config.items()}).to(args.device)
-    manager = CheckpointManager(folder, rng=False, is_main=True)
-    loaded = manager.load(args.checkpoint, {"model": net}) if folder != args.checkpoint \
-        else manager.load_best({"model": net})
-    if loaded is None:
-        raise FileNotFoundError(f"--checkpoint: no checkpoint in {args.checkpoint}")
+    net = FusionNet(**(saved_model_config(args.checkpoint) or {})).to(args.device)
+    loaded = load_checkpoint(args.checkpoint, net)
     results = run_evaluation(net, args.data, n_per_pattern=args.n_per_pattern, seed=args.seed, device=args.device,
                              smoke=args.smoke, anneal_iters=args.anneal_iters)
-    print(f"checkpoint {loaded.get('path', args.checkpoint)}\n{format_table(results)}")
+    print(f"checkpoint {loaded['path']}\n{format_table(results)}")
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from blockyard.losses import MASK_FILL, gaussian_heatmap
+from blockyard.train import pyplot
 
 from .batches import Batch, model_inputs
 
@@ -17,14 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         logger.warning("matplotlib is not installed: no plots (pip install matplotlib)")
-        return None
     return plt
 
 

@@ -1,9 +1,12 @@
-"""FusionNet model and the fusion_ddp.py training script: shapes, FiLM identity, DDP smoke, exact resume."""
+"""FusionNet model and the fusion_ddp.py training script: shapes, FiLM identity, DDP smoke, the run contract
+(used folder, concurrency, damaged checkpoints, changed config, overwrite, fp16 scaler, SIGKILL + exact resume)
+and --eval."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +17,24 @@ from fusion import build_data
 from fusion.batches import FusionSamples, model_inputs
 from fusion.encoding import HISTORY, IN_CHANNELS
 from fusion.model import N_ACTIONS, FusionNet
+from run_contract import (
+    assert_refused,
+    check_changed_config_is_refused,
+    check_concurrent_runs,
+    check_damaged_checkpoints_are_refused,
+    check_overwrite_keeps_the_old_run,
+    check_sigkill_resume_is_exact,
+    check_used_out_is_refused,
+    run,
+    snapshot,
+)
+from torchrun_helpers import read_metrics
 
 from blockyard.data import BucketBatchSampler, GroupedStore
 from blockyard.losses import neighborhood_cross_entropy, wta_heatmap_loss
-from blockyard.train import read_metrics
+from blockyard.train import CheckpointManager
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fusion_ddp.py"
-TIMEOUT = 150
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,29 +96,38 @@ def smoke_data(tmp_path_factory) -> Path:
     return build_data.ensure_dataset(tmp_path_factory.mktemp("fusion") / "data", smoke=True, workers=2)
 
 
-def run_script(out: Path, data: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(SCRIPT), "--smoke", "--out", str(out), "--data", str(data), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
-def ddp_run(smoke_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    return out, run_script(out, smoke_data)
+def finished_run(smoke_data, tmp_path_factory) -> tuple[Path, str]:
+    """One uninterrupted 2-process smoke run; its OUT/data is a copy of the built dataset (never rebuilt)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    shutil.copytree(smoke_data, out / "data")
+    code, text = run(SCRIPT, out)
+    assert code == 0, text[-3000:]
+    return out, text
 
 
-def comparable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]  # wall-clock timings differ
+@pytest.fixture
+def used_out(finished_run, tmp_path) -> Path:
+    """A copy of the finished run's folder, for a launch that may change it."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    return out
+
+
+class _Probe:
+    """Receives one checkpoint entry's state (a stand-in for the object that saved it)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_gloo_smoke_run(ddp_run, smoke_data):
-    out, proc = ddp_run
+def test_two_process_gloo_smoke_run(finished_run, smoke_data):
+    out, text = finished_run
     records = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
     val_size = len(GroupedStore(smoke_data / "val", verify=False))
@@ -113,25 +136,82 @@ def test_two_process_gloo_smoke_run(ddp_run, smoke_data):
         assert all(math.isfinite(r[k]) for k in ("train_loss", "loss", "pos", "act", "div"))
         assert 0.0 <= r["pos_acc_top1"] <= r["pos_acc_top5"] <= 1.0
         assert r["pos_acc_top1"] <= r["oracle_acc_top1"] + 1e-12
+        assert r["skipped_steps"] == 0
+    # it learned: with the optimizer step a no-op both epochs' validation losses are equal
+    assert records[1]["loss"] < records[0]["loss"] - 0.05, records
+    assert records[1]["train_loss"] < records[0]["train_loss"] - 0.2, records
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["per_rank_batch"] == 16
     assert [c["stage"] for c in summary["criteria"]] == [1, 2, 3, 4]
     assert {"setting1", "setting2", "overall"} <= set(summary["inference"])
-    assert "stage 1 [" in proc.stdout and "Setting 1" in proc.stdout
-    assert (out / "checkpoints" / "config.json").exists()
+    assert "stage 1 [" in text and "Setting 1" in text
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["status"] == "finished"
+    assert saved["config"]["batch_size"] == 32 and saved["config"]["widths"] == [8, 8, 8, 8]  # global = 16 x 2
     assert (out / "curves.png").stat().st_size > 0 and (out / "heatmaps.png").stat().st_size > 0
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_interrupted_run_resumes_exactly(ddp_run, smoke_data, tmp_path):
-    reference = read_metrics(ddp_run[0] / "metrics.jsonl")
-    run_script(tmp_path, smoke_data, "--stop-after", "1")  # as if killed after epoch 1's checkpoint
-    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
-    proc = run_script(tmp_path, smoke_data, "--resume", "auto")
-    assert "resumed from" in proc.stdout
-    resumed = read_metrics(tmp_path / "metrics.jsonl")
-    assert comparable(resumed) == comparable(reference)
+def test_used_out_is_refused(used_out):
+    check_used_out_is_refused(SCRIPT, used_out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_changed_architecture_is_refused_on_resume(used_out):
+    check_changed_config_is_refused(SCRIPT, used_out, "--widths", "8,8,8,16", key="widths")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_damaged_checkpoints_are_refused(used_out):
+    check_damaged_checkpoints_are_refused(SCRIPT, used_out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_overwrite_keeps_the_old_run(used_out):
+    check_overwrite_keeps_the_old_run(SCRIPT, used_out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_concurrent_fp16_runs_one_refused_one_trains_with_a_real_scaler(smoke_data, tmp_path):
+    out = tmp_path / "run"
+    check_concurrent_runs(SCRIPT, out, "--data", str(smoke_data), "--precision", "fp16")
+    stepper = _Probe()
+    CheckpointManager(out / "checkpoints", rng=False, is_main=False).load_latest({"stepper": stepper})
+    scale = stepper.state["scaler"]["scale"]  # a disabled scaler saves no state
+    assert 0 < scale < 2.0 ** 16, scale  # it backed off from its initial scale: it really checked for overflow
+    records = read_metrics(out / "metrics.jsonl")
+    assert records[-1]["skipped_steps"] == stepper.state["skipped"] > 0  # overflowing steps were skipped
+    assert records[-1]["opt_step"] == stepper.state["steps"] > 0
+    assert records[-1]["loss"] < records[0]["loss"] and records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, smoke_data, tmp_path):
+    # 19 optimizer steps per epoch: step 25 is in epoch 2, after epoch 1's checkpoint
+    check_sigkill_resume_is_exact(SCRIPT, tmp_path / "run", finished_run[0], ["metrics.jsonl"], 25,
+                                  "--data", str(smoke_data))
+
+
+@pytest.mark.slow
+def test_eval_writes_its_own_run_folder_and_leaves_the_training_run_alone(used_out):
+    before = snapshot(used_out)
+    assert_refused(SCRIPT, used_out, "--eval", str(used_out / "checkpoints"), nproc=1, match="the run folder of")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--eval", str(used_out / "checkpoints")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {k: v for k, v in snapshot(used_out).items() if not k.startswith("eval/")} == before
+    result = json.loads((used_out / "eval" / "eval.json").read_text())
+    summary = json.loads((used_out / "summary.json").read_text())
+    assert result["epoch"] == summary["best_epoch"]  # the checkpoints folder's best, rebuilt from run.json
+    assert result["inference"]["overall"] == summary["inference"]["overall"]
+    assert json.loads((used_out / "eval" / "run.json").read_text())["status"] == "finished"
 
 
 def test_flips_are_a_function_of_seed_epoch_and_index(smoke_data):
