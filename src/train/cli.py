@@ -11,7 +11,7 @@
     run = RunDir(args.out, run_config(args), resume=args.resume, overwrite=args.overwrite)
 
 The shared flags: ``--out`` (the run folder), ``--epochs``, ``--batch-size`` (the *global* batch:
-samples per optimizer step summed over the ranks; each rank takes ``batch / world``),
+samples per micro-batch summed over the ranks; each rank takes ``batch / world``),
 ``--lr``, ``--precision {fp32,bf16,fp16}``, ``--seed``, ``--resume auto|PATH`` (continue the run
 in ``--out``: from each stage's newest intact checkpoint, or from the checkpoint at PATH),
 ``--overwrite`` (move an earlier run in ``--out`` aside and start anew) and ``--smoke`` (tiny
@@ -48,7 +48,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, epochs: int | 
                    "--resume or --overwrite")
     g.add_argument("--epochs", type=int, default=epochs, help="training epochs" + _default(epochs))
     g.add_argument("--batch-size", type=int, default=batch_size,
-                   help="global batch: samples per optimizer step over all processes" + _default(batch_size))
+                   help="global batch: samples per micro-batch summed over all processes (an optimizer step "
+                        "with gradient accumulation sees that times the micro-batches it accumulates)"
+                        + _default(batch_size))
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate" + _default(lr))
     g.add_argument("--precision", default=precision, choices=list(PRECISIONS),
                    help=f"autocast precision; fp16 uses a GradScaler (default {precision})")

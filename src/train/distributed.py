@@ -30,6 +30,7 @@ __all__ = [
     "all_reduce_sum",
     "any_rank",
     "barrier",
+    "broadcast_buffers",
     "is_distributed",
     "setup_distributed",
     "teardown_distributed",
@@ -199,6 +200,22 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics ...) to every rank, in place.
+
+    Under DDP every rank updates its own buffers during training and DDP copies rank 0's only at
+    the start of the next training forward; an evaluation sharded over the ranks needs one model
+    everywhere. A no-op without a process group. Call it on every rank.
+    """
+    if not is_distributed():
+        return
+    for buffer in unwrap(model).buffers():
+        moved = buffer.to(_comm_device(buffer))
+        dist.broadcast(moved, src)
+        if moved is not buffer:
+            buffer.copy_(moved)
 
 
 def _comm_device(like: torch.Tensor | None = None) -> torch.device:

@@ -56,7 +56,10 @@ def predict_rows(fn: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size:
     """``fn(rows)`` for every row of ``n``, sharded over the ranks in chunks, gathered on every rank.
 
     ``fn`` takes a 1-D index tensor of rows and returns a tensor with one row per index (it
-    runs under ``torch.no_grad``). Call it on every rank.
+    runs under ``torch.no_grad``). Call it on every rank, with the same model on every rank:
+    under DDP each rank's BatchNorm running statistics differ (DDP copies rank 0's buffers only
+    at the start of a training forward), so call :func:`~blockyard.train.broadcast_buffers`
+    first when the model has any.
 
     Shapes:
         - output: ``(n, *rest)`` where ``fn`` returns ``(len(rows), *rest)``

@@ -103,7 +103,8 @@ class RunDir:
         resume: ``None`` (a new run), ``"auto"`` (continue from each stage's newest intact
             checkpoint; a folder with no earlier run starts fresh, so a requeued job can always
             pass it) or the path of one checkpoint (that stage resumes from it, the others as
-            with ``"auto"``).
+            with ``"auto"``); it must belong to the last stage that has checkpoints, and that
+            stage's newer checkpoints move aside into ``path/previous/<now>-abandoned/``.
         overwrite: move an earlier run aside into ``path/previous/<started-at>/`` and start anew.
         keep: top-level entries that are not part of a run (a dataset cache built under the
             folder): never moved aside, never make a folder "used".
@@ -184,6 +185,8 @@ class RunDir:
                                  f"({'; '.join(diff)}). Nothing was written; rerun with the saved values, or "
                                  "--overwrite to move the earlier run aside.")
         self._check_resumable(earlier)
+        if self.resume != "auto":
+            self._abandon_newer(Path(self.resume))
         self._record = {**earlier, "status": "running", "pid": os.getpid(),
                         "resumed": [*earlier.get("resumed", []), _now()]}
         self.resumed = True
@@ -215,6 +218,11 @@ class RunDir:
                 CheckpointManager(target.parent, rng=False).verify(target)
             except CheckpointError as err:
                 raise RunFolderError(f"--resume {self.resume}: not an intact checkpoint ({err})") from None
+            started = [rel for rel in earlier.get("checkpoints", []) if CheckpointManager(self.path / rel).step_dirs()]
+            if not started or (self.path / started[-1]).resolve() != target.parent.resolve():
+                raise RunFolderError(f"--resume {self.resume}: expected a checkpoint of the run's last started stage "
+                                     f"({self.path / started[-1] if started else 'none'}): the later stages were "
+                                     "trained from this stage's newer state. Nothing was written.")
         for rel in earlier.get("checkpoints", []):
             manager = CheckpointManager(self.path / rel, rng=False)
             present = manager.step_dirs()
@@ -241,6 +249,21 @@ class RunDir:
             os.replace(self.path / name, target / name)
         self.moved_to = target
         logger.info("moved the earlier run in %s aside into %s", self.path, target)
+
+    def _abandon_newer(self, target: Path) -> None:
+        """Resuming from an older checkpoint: move the newer ones of its stage aside (a later
+        ``--resume auto`` must not pick up the abandoned timeline)."""
+        manager = CheckpointManager(target.parent, rng=False)
+        step = int(target.name.split("_")[-1])
+        newer = [p for p in manager.step_dirs() if int(p.name.split("_")[-1]) > step]
+        if not newer:
+            return
+        aside = self.path / _ASIDE / f"{_now()}-abandoned" / target.parent.resolve().relative_to(self.path.resolve())
+        aside.mkdir(parents=True)
+        for p in newer:
+            os.replace(p, aside / p.name)
+        self.moved_to = aside
+        logger.info("resuming from %s: moved %d newer checkpoints aside into %s", target, len(newer), aside)
 
     # ------------------------------------------------------------------------------ locking
     def _lock(self) -> None:

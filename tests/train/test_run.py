@@ -93,14 +93,30 @@ def test_resume_continues_and_loads_the_newest_checkpoint(tmp_path):
     run.close()
 
 
-def test_resume_from_a_named_checkpoint(tmp_path):
+def test_resume_from_a_named_checkpoint_moves_the_abandoned_newer_ones_aside(tmp_path):
     out = tmp_path / "run"
     finished_run(out)
+    newer = snapshot(out / "checkpoints" / "step_00000002")
     run = RunDir(out, {"width": 8, "lr": 0.1}, resume=str(out / "checkpoints" / "step_00000001"))
-    assert run.resume_from(run.checkpoints(), {"model": nn.Linear(3, 2)})["epoch"] == 1
+    ckpt = run.checkpoints()
+    assert run.resume_from(ckpt, {"model": nn.Linear(3, 2)})["epoch"] == 1
+    assert ckpt.steps() == [1]  # a later --resume auto cannot pick up the abandoned step 2
+    assert snapshot(run.moved_to / "step_00000002") == newer  # moved, not deleted
     run.close()
     with pytest.raises(RunFolderError, match="not an intact checkpoint"):
         RunDir(out, {"width": 8, "lr": 0.1}, resume=str(out / "checkpoints" / "step_00000009"))
+
+
+def test_resume_from_a_checkpoint_of_an_earlier_stage_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, {"a": 1})
+    for stage in ("pretrain", "finetune"):
+        run.checkpoints(f"{stage}/checkpoints").save(1, {"model": nn.Linear(2, 2)})
+    run.close()
+    before = snapshot(out)
+    with pytest.raises(RunFolderError, match="last started stage"):
+        RunDir(out, {"a": 1}, resume=str(out / "pretrain" / "checkpoints" / "step_00000001"))
+    assert snapshot(out) == before
 
 
 def test_resume_auto_on_a_fresh_folder_starts_a_new_run(tmp_path):
