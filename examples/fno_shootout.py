@@ -1,30 +1,34 @@
 """FNO stability shootout: which residual block or clipping rule keeps a hybrid U-NO training?
 
-System: the FNO / hybrid U-NO stability study (../shared/seeds/003_c689caed013b65eb.txt). The
-original drew conclusions from one seed, half the Fourier modes, a channel cap that never reached
-the model, a schedule that never stepped and phase metrics on phase-free data. Here every arm
-(hybrid, hybrid + norm clip, hybrid + AGC, stable zero-gamma, stable LayerScale) trains on the
-same simulated grid-lines ptychography data for N seeds, with a warmup + cosine schedule that
-steps every optimizer step, and the run reports per arm: failures / n, median and IQR over the
-successful runs of best and final validation loss and of amplitude and phase SSIM, gradient-norm
-median / p99 / max, and activation mean / std per block versus depth at init and at the end.
+System: the FNO / hybrid U-NO stability study. The original drew conclusions from one seed, half
+the Fourier modes, a channel cap that never reached the model, a schedule that never stepped and
+phase metrics on phase-free data. Here every arm (hybrid, hybrid + norm clip, hybrid + AGC, stable
+zero-gamma, stable LayerScale) trains on the same simulated grid-lines ptychography data for N
+seeds, with a warmup + cosine schedule that steps every optimizer step, and the run reports per
+arm: failures / n, median and IQR over the successful runs of best and final validation loss and
+of amplitude and phase SSIM, gradient-norm median / p99 / max, and activation mean / std per block
+versus depth at init and at the end.
+
+A run (one arm, one seed) trains in one process, so --batch-size (the global batch) is its batch;
+torchrun's processes share out the runs. A run is finished once OUT/runs/<arm>_seed<s>.json is
+written (after its weights); --resume auto keeps the finished runs and starts the others anew.
 
     python examples/fno_shootout.py                      # CPU default, 5 arms x 3 seeds
     python examples/fno_shootout.py --deep               # more FNO blocks per level
     torchrun --standalone --nproc_per_node=2 examples/fno_shootout.py   # runs shared across ranks
+    python examples/fno_shootout.py --resume auto        # continue an interrupted sweep
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,13 +36,19 @@ from fno.arms import ARMS, PtychoNet, classify_failure, physics_loss, reconstruc
 from fno.sim import make_probe, simulate, stitch
 
 from blockyard.blocks import FNOBlock, StableFNOBlock, count_parameters
+from blockyard.data import write_json_atomic
 from blockyard.train import (
     ActivationMonitor,
     Dashboard,
-    apply_lr,
+    RunDir,
+    Stepper,
+    add_common_args,
     autocast,
     barrier,
-    clip_gradients,
+    kill_point,
+    main_print,
+    pyplot,
+    run_config,
     seed_everything,
     setup_distributed,
     sweep_summary,
@@ -49,15 +59,10 @@ from blockyard.train import (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/fno")
+    add_common_args(p, out="runs/fno", epochs=30, batch_size=16, lr=1e-3)
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
-    p.add_argument("--seeds", type=int, default=3, help="runs per arm")
-    p.add_argument("--seed", type=int, default=0, help="first seed; run i uses seed + i")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seeds", type=int, default=3, help="runs per arm; run i uses the seed (--seed + i)")
     p.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--loss", default="mae", choices=["mae", "poisson"])
     p.add_argument("--size", type=int, default=96, help="object size in px")
     p.add_argument("--patch", type=int, default=32)
@@ -68,14 +73,15 @@ def parse_args(argv=None):
     p.add_argument("--blocks-per-level", type=int, default=1)
     p.add_argument("--nphotons", type=float, default=1e9)
     p.add_argument("--deep", action="store_true", help="stress test: 3 blocks per level (never more levels)")
-    p.add_argument("--resume", default=None, help="'auto': keep finished runs found in --out")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes for tests")
     args = p.parse_args(argv)
+    if args.smoke:  # tiny sizes as defaults: flags given explicitly still win
+        p.set_defaults(size=40, patch=16, stride=8, hidden=4, modes=4, levels=2, epochs=2, seeds=1, batch_size=4)
+        args = p.parse_args(argv)
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        p.error(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
     if args.deep:
         args.blocks_per_level = max(args.blocks_per_level, 3)
-    if args.smoke:
-        args.size, args.patch, args.stride, args.hidden, args.modes = 40, 16, 8, 4, 4
-        args.levels, args.epochs, args.seeds, args.batch_size = 2, 2, 1, 4
     return args
 
 
@@ -107,8 +113,20 @@ def activation_profile(model, x):
     return {name: {"mean": s.mean, "std": s.std, "abs_max": s.abs_max} for name, s in monitor.stats().items()}
 
 
-def run_one(arm_name, seed, args, out_dir, device):
-    """Train one arm with one seed; return its JSON-able record."""
+def load_record(runs, arm, seed):
+    """The record of a finished run; None if the run has not finished (no record, or an unreadable one)."""
+    try:
+        return json.loads((runs / f"{arm}_seed{seed}.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def run_one(arm_name, seed, args, runs, device, steps_before=0):
+    """Train one arm with one seed; write its weights, then its record (which marks the run finished).
+
+    --kill-at-step K (tests) SIGKILLs this process at its K-th optimizer step of the sweep, this run's
+    steps counted after the ``steps_before`` of the runs it finished: a K past one run kills mid-sweep.
+    """
     arm = ARMS[arm_name]
     gen = seed_everything(seed)
     probe = make_probe(args.patch)
@@ -121,66 +139,58 @@ def run_one(arm_name, seed, args, out_dir, device):
     model = PtychoNet(arm.block, args.hidden, args.levels, args.modes, args.blocks_per_level, rms).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # ~4x faster step
     n = len(train.diffraction)
-    steps_per_epoch = math.ceil(n / args.batch_size)
-    total = args.epochs * steps_per_epoch
+    total = args.epochs * math.ceil(n / args.batch_size)
     warmup = int(args.warmup * total)
+    # no non-finite skip: a diverging arm must fail; arms without clipping measure the norm (clip at inf)
+    stepper = Stepper(model, opt, precision=args.precision, device=device, skip_nonfinite=False,
+                      clip=arm.clip or "norm", clip_value=arm.clip_value if arm.clip else math.inf,
+                      schedule=lambda s: warmup_cosine(s, total, warmup, args.lr, min_lr=0.01 * args.lr))
     probe_batch = train_x[: args.batch_size]
     act_init = activation_profile(model, probe_batch)
-    curve, grad_norms, lrs, finite, step = [], [], [], True, 0
+    init_val, amp, phase = evaluate(model, test, probe, args, scale)
+    curve, grad_norms, finite = [], [], True
     start = time.perf_counter()
     for epoch in range(args.epochs):
         order = torch.randperm(n, generator=gen).to(device)
         epoch_loss = torch.zeros((), device=device)
-        for i in range(0, n, args.batch_size):
-            lr = warmup_cosine(step, total, warmup, args.lr, min_lr=0.01 * args.lr)
-            apply_lr(opt, lr)
+        for j, i in enumerate(range(0, n, args.batch_size)):
             x = train_x[order[i:i + args.batch_size]]
-            with autocast(device, args.precision):
-                loss = physics_loss(model(x), x, probe, args.loss, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if arm.clip is None:
-                norm = clip_gradients(model.parameters(), "norm", math.inf)  # measure only
-            else:
-                norm = clip_gradients(model.parameters(), arm.clip, arm.clip_value)
-            opt.step()
-            grad_norms.append(norm)
+            with stepper.micro_batch(j) as mb:
+                with autocast(device, args.precision):
+                    loss = physics_loss(model(x), x, probe, args.loss, scale)
+                stepper.backward(loss)
+            lr = stepper.lr
+            if mb.step and stepper.step():  # False only when the fp16 scaler skips an overflow
+                grad_norms.append(stepper.grad_norm)
+                kill_point(args.kill_at_step, steps_before + stepper.steps)
             epoch_loss += loss.detach() * len(x)
-            step += 1
-        lrs.append(lr)
-        train_loss = float(epoch_loss) / n
-        val_loss, _, _ = evaluate(model, test, probe, args, scale)
-        curve.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        val, amp, phase = evaluate(model, test, probe, args, scale)
+        curve.append(dict(step=stepper.steps, epoch=epoch + 1, train_loss=float(epoch_loss) / n, val_loss=val, lr=lr))
+        if not (math.isfinite(curve[-1]["train_loss"]) and math.isfinite(val)):
             finite = False
             break
-    val_loss, amp, phase = evaluate(model, test, probe, args, scale)
     b = (args.patch - args.stride) // 2
     region = test.obj[b:b + amp.shape[0], b:b + amp.shape[1]]
     metrics = reconstruction_metrics(amp, phase, region) if finite else {}
-    norms = torch.stack(grad_norms).double().cpu()
+    norms = torch.stack(grad_norms).double().cpu() if grad_norms else torch.full((1,), math.nan)
     vals = [c["val_loss"] for c in curve]
     best = min(vals) if vals else math.nan
     failure = classify_failure(finite, best, vals[-1] if vals else math.nan, metrics.get("amp_cv", 0.0))
     record = {
-        "arm": arm_name, "seed": seed, "failure": failure, "params": count_parameters(model),
+        "arm": arm_name, "seed": seed, "failure": failure, "params": count_parameters(model), "init_val": init_val,
         "best_val": best, "final_val": vals[-1] if vals else math.nan, "curve": curve, **metrics,
         "grad_norm": {"median": float(norms.median()), "p99": float(norms.quantile(0.99)),
                       "max": float(norms.max()), "steps": len(grad_norms)},
         "activations_init": act_init, "activations_end": activation_profile(model, probe_batch) if finite else {},
-        "seconds": time.perf_counter() - start,
+        "stepper": stepper.state_dict(), "train_s": time.perf_counter() - start,  # stepper: steps, skips, fp16 scale
     }
-    # Weights and reconstructions first (pickle-free); the JSON record, written last and atomically,
-    # marks the run finished, so a sweep resumes at run granularity (--resume auto skips it).
-    stem = f"{arm_name}_seed{seed}"
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(out_dir / f"{stem}_model.safetensors"))
+    # weights first (pickle-free); the record, written last and atomically, marks the run finished
+    stem = runs / f"{arm_name}_seed{seed}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, f"{stem}_model.safetensors")
     save_file({"amplitude": amp.contiguous(), "phase": phase.contiguous(),
                "true_amplitude": region.abs().contiguous(), "true_phase": region.angle().contiguous()},
-              str(out_dir / f"{stem}_recon.safetensors"))
-    tmp = out_dir / f"{stem}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, out_dir / f"{stem}.json")
+              f"{stem}_recon.safetensors")
+    write_json_atomic(f"{stem}.json", record)  # by the rank that trained it (RunDir writes on rank 0 only)
     return record
 
 
@@ -226,13 +236,8 @@ def print_table(rows, file=sys.stdout):
             print(f"  {arm:<18} " + "  ".join(pairs), file=file)
 
 
-def plot(records, rows, out):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from safetensors.torch import load_file
-    except ImportError:
+def plot(records, rows, run):
+    if (plt := pyplot()) is None:
         print("matplotlib not installed: skipping plots (pip install blockyard[examples])")
         return
     arms = list(rows)
@@ -246,12 +251,12 @@ def plot(records, rows, out):
         ax.set_yscale("log")
     axes[0][0].set_ylabel("validation loss")
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=100)
+    fig.savefig(run.file("loss_curves.png"), dpi=100)
     plt.close(fig)
     first = {arm: min((r for r in records if r["arm"] == arm), key=lambda r: r["seed"]) for arm in arms}
     fig, axes = plt.subplots(2, len(arms) + 1, figsize=(2.4 * (len(arms) + 1), 5), squeeze=False)
     for j, arm in enumerate(arms):
-        rec = load_file(str(out / "runs" / f"{arm}_seed{first[arm]['seed']}_recon.safetensors"))
+        rec = load_file(str(run.path / "runs" / f"{arm}_seed{first[arm]['seed']}_recon.safetensors"))
         if j == 0:
             axes[0][0].imshow(rec["true_amplitude"], cmap="gray")
             axes[1][0].imshow(rec["true_phase"], cmap="twilight")
@@ -262,50 +267,44 @@ def plot(records, rows, out):
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "reconstructions.png", dpi=100)
+    fig.savefig(run.file("reconstructions.png"), dpi=100)
     plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
     info = setup_distributed()
-    out = Path(args.out)
-    run_dir = out / "runs"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    arm_names = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arm_names if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    run = RunDir(args.out, run_config(args), resume=args.resume, overwrite=args.overwrite)
+    say = main_print(info.is_main)
+    runs = run.file("runs")
+    runs.mkdir(exist_ok=True)  # on every rank: each writes the runs it trains
+    arm_names = args.arms.split(",")
     jobs = [(a, args.seed + i) for i in range(args.seeds) for a in arm_names]
-    if args.resume == "auto":
-        todo = [j for j in jobs if not (run_dir / f"{j[0]}_seed{j[1]}.json").exists()]
-    else:
-        todo = jobs
-    mine = todo[info.rank::info.world_size]
+    todo = [j for j in jobs if not run.resumed or load_record(runs, *j) is None]
+    barrier()  # every rank has listed the finished runs before any rank adds one
+    mine, steps = todo[info.rank::info.world_size], 0
     torch.set_num_threads(max(1, torch.get_num_threads() // info.world_size))
-    if info.is_main:
-        print(f"FNO shootout: {len(arm_names)} arms x {args.seeds} seeds = {len(jobs)} runs "
-              f"({len(jobs) - len(todo)} already done), {info.world_size} process(es); out: {out}")
-    if mine:
-        with Dashboard(total=len(mine), every_s=0 if args.smoke else 30, is_main=info.is_main) as dash:
-            for k, (arm, seed) in enumerate(mine):
-                r = run_one(arm, seed, args, run_dir, info.device)
-                dash.update(k + 1, arm=arm, seed=seed, best_val=r["best_val"], failure=r["failure"] or "none")
+    say(f"FNO shootout: {len(arm_names)} arms x {args.seeds} seeds = {len(jobs)} runs "
+        f"({len(jobs) - len(todo)} already done), {info.world_size} process(es); out: {run.path}")
+    with Dashboard(total=max(1, len(mine)), every_s=0 if args.smoke else 30, is_main=info.is_main) as dash:
+        for k, (arm, seed) in enumerate(mine):
+            r = run_one(arm, seed, args, runs, info.device, steps)
+            steps += r["stepper"]["steps"]
+            dash.update(k + 1, arm=arm, seed=seed, best_val=r["best_val"], failure=r["failure"] or "none")
     barrier()
     if info.is_main:
-        records = [json.loads((run_dir / f"{a}_seed{s}.json").read_text()) for a, s in jobs]
-        with open(out / "metrics.jsonl.tmp", "w") as f:
+        records = [load_record(runs, a, s) for a, s in jobs]
+        with run.metrics_log("metrics.jsonl") as log:  # rebuilt from the records on every (resumed) run
             for r in records:
                 for c in r["curve"]:
-                    f.write(json.dumps({"arm": r["arm"], "seed": r["seed"], **c}) + "\n")
-        os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
+                    log.log(c["step"], arm=r["arm"], seed=r["seed"], **{k: v for k, v in c.items() if k != "step"})
         rows = summarize(records, arm_names)
-        summary = {"args": vars(args), "arms": {a: ARMS[a].description for a in arm_names}, "table": rows,
-                   "params": {a: next(r["params"] for r in records if r["arm"] == a) for a in arm_names}}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        run.write_json("summary.json", {"arms": {a: ARMS[a].description for a in arm_names}, "table": rows,
+                                        "params": {r["arm"]: r["params"] for r in records}})
         print_table(rows)
-        plot(records, rows, out)
-        print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'} and PNG plots")
+        plot(records, rows, run)
+        print(f"wrote {run.path / 'summary.json'}, {run.path / 'metrics.jsonl'} and PNG plots")
+    run.finish()
     teardown_distributed()
 
 

@@ -1,12 +1,29 @@
+"""FNO shootout: the simulator, loss, metrics and failure rule, and the sweep end to end under the run contract."""
+from __future__ import annotations
+
 import json
 import math
+import shutil
+from pathlib import Path
 
-import fno_shootout
 import pytest
 import torch
 from fno.arms import ARMS, PtychoNet, Reconstruction, classify_failure, physics_loss, reconstruction_metrics
 from fno.sim import diffract, make_probe, simulate, stitch
+from run_contract import (
+    check_changed_config_is_refused,
+    check_concurrent_runs,
+    check_overwrite_keeps_the_old_run,
+    check_used_out_is_refused,
+    run,
+)
 from safetensors.torch import load_file
+from torchrun_helpers import read_metrics, run_example
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fno_shootout.py"
+# 2 arms x 2 seeds = 4 runs of 2 epochs x 4 optimizer steps; under 2 processes each trains 2 runs
+SWEEP = ("--arms", "hybrid,stable_layerscale", "--seeds", "2")
+STEPS_PER_RUN = 8
 
 
 def test_stitch_recovers_the_object_region():
@@ -51,25 +68,118 @@ def test_failure_rule():
     assert classify_failure(True, 0.1, 0.29, 0.5) is None
 
 
-@pytest.mark.slow
-def test_smoke_end_to_end_and_resume(tmp_path, capsys):
-    arms = "hybrid,stable_layerscale"
-    fno_shootout.main(["--smoke", "--out", str(tmp_path), "--arms", arms])
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def records(out: Path) -> dict[str, dict]:
+    """Every finished run's record without its ``*_s`` timing fields."""
+    return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if not k.endswith("_s")}
+            for p in sorted((out / "runs").glob("*.json"))}
+
+
+def weights(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "runs").glob("*_model.safetensors"))}
+
+
+def assert_same_sweep(out: Path, reference: Path) -> None:
+    """The same per-run records (timing aside), weights, metrics and summary as ``reference``."""
+    assert records(out) == records(reference)
+    assert weights(out) == weights(reference)
+    assert read_metrics(out / "metrics.jsonl") == read_metrics(reference / "metrics.jsonl")
+    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished 2-process smoke sweep, shared (read-only) by the tests below."""
+    out = tmp_path_factory.mktemp("fno") / "run"
+    run_example(SCRIPT, out, *SWEEP)
+    return out
+
+
+@pytest.fixture
+def used_out(finished, tmp_path):
+    """A private copy of the finished sweep's folder."""
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+@pytest.mark.slow  # 2-process torchrun launches
+def test_smoke_sweep_learns_and_writes_everything(finished):
+    summary = json.loads((finished / "summary.json").read_text())
     assert set(summary["table"]) == {"hybrid", "stable_layerscale"}
     for row in summary["table"].values():
-        assert row["n"] == 1
-        assert row["failures"] == 1 or math.isfinite(row["best_val"]["median"])
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * 2  # 2 arms x 2 epochs
-    assert (tmp_path / "loss_curves.png").exists() and (tmp_path / "reconstructions.png").exists()
-    weights = load_file(str(tmp_path / "runs" / "hybrid_seed0_model.safetensors"))
+        assert row["n"] == 2 and row["failures"] == 0
+        assert math.isfinite(row["best_val"]["median"]) and math.isfinite(row["amp_ssim"]["median"])
+    recs = records(finished)
+    assert len(recs) == 4
+    for r in recs.values():
+        assert r["failure"] is None and r["stepper"]["steps"] == r["grad_norm"]["steps"] == STEPS_PER_RUN
+        # learned: a no-op optimizer step leaves the validation loss exactly at its value at init
+        assert r["final_val"] < 0.995 * r["init_val"], (r["arm"], r["seed"], r["init_val"], r["final_val"])
+        assert r["curve"][0]["lr"] > 0 and r["curve"][-1]["lr"] != r["curve"][0]["lr"]  # the schedule steps
+        assert r["stepper"]["scaler"] == {}  # fp32: no scaler
+    lines = read_metrics(finished / "metrics.jsonl")
+    assert len(lines) == 4 * 2 and [m["step"] for m in lines[:2]] == [4, 8]  # 4 runs x 2 epochs
+    assert (finished / "loss_curves.png").exists() and (finished / "reconstructions.png").exists()
     model = PtychoNet(ARMS["hybrid"].block, hidden=4, levels=2, modes=4)
-    model.load_state_dict(weights)  # a pickle-free file that rebuilds the trained model
-    record = json.loads((tmp_path / "runs" / "hybrid_seed0.json").read_text())
-    assert record["curve"][0]["lr"] > 0 and record["curve"][-1]["lr"] != record["curve"][0]["lr"]  # it steps
-    before = (tmp_path / "runs" / "hybrid_seed0.json").stat().st_mtime_ns
-    capsys.readouterr()
-    fno_shootout.main(["--smoke", "--out", str(tmp_path), "--arms", arms, "--resume", "auto"])
-    assert "2 already done" in capsys.readouterr().out
-    assert (tmp_path / "runs" / "hybrid_seed0.json").stat().st_mtime_ns == before
+    model.load_state_dict(load_file(str(finished / "runs" / "hybrid_seed0_model.safetensors")))  # pickle-free
+    assert json.loads((finished / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow  # 2-process torchrun launches
+def test_used_out_is_refused(used_out):
+    check_used_out_is_refused(SCRIPT, used_out)
+
+
+@pytest.mark.slow  # 2-process torchrun launches
+def test_concurrent_runs(tmp_path):
+    check_concurrent_runs(SCRIPT, tmp_path / "run", *SWEEP)
+
+
+@pytest.mark.slow  # 2-process torchrun launches
+def test_changed_config_is_refused(used_out):
+    check_changed_config_is_refused(SCRIPT, used_out, *SWEEP, "--blocks-per-level", "2", key="blocks_per_level")
+
+
+@pytest.mark.slow  # 2-process torchrun launches
+def test_overwrite_keeps_the_old_run(used_out):
+    check_overwrite_keeps_the_old_run(SCRIPT, used_out)
+
+
+@pytest.mark.slow  # 2-process torchrun launches
+def test_fp16_trains_with_a_real_scaler(tmp_path, finished):
+    out = tmp_path / "run"
+    run_example(SCRIPT, out, "--arms", "hybrid", "--precision", "fp16")
+    r, fp32 = records(out)["hybrid_seed0.json"], records(finished)["hybrid_seed0.json"]
+    stepper = r["stepper"]
+    assert stepper["scaler"]["scale"] > 0 and stepper["steps"] + stepper["skipped"] == STEPS_PER_RUN  # a real scaler
+    assert stepper["steps"] > 0 and r["failure"] is None and r["final_val"] < 0.995 * r["init_val"]  # it learned
+    assert r["final_val"] != fp32["final_val"]  # in half precision
+
+
+@pytest.mark.slow  # 2-process torchrun launches
+def test_a_damaged_record_reruns_only_that_run(used_out, finished):
+    """This sweep has no mid-run checkpoints: a run is finished once its record is written, so an
+    unreadable record marks its run unfinished and --resume auto trains that run again, and only it."""
+    damaged = used_out / "runs" / "stable_layerscale_seed1.json"
+    damaged.write_bytes(damaged.read_bytes()[:-17])
+    kept = {p: p.stat().st_mtime_ns for p in (used_out / "runs").glob("*.json") if p != damaged}
+    code, text = run(SCRIPT, used_out, *SWEEP, "--resume", "auto")
+    assert code == 0, text[-3000:]
+    assert "(3 already done)" in text
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert_same_sweep(used_out, finished)
+
+
+@pytest.mark.slow  # 2-process torchrun launches
+def test_sigkill_mid_sweep_then_resume_reruns_exactly_the_unfinished_runs(tmp_path, finished):
+    """--kill-at-step counts a process's optimizer steps over its runs: 11 = one run done, 3 steps into the next."""
+    out = tmp_path / "run"
+    code, text = run(SCRIPT, out, *SWEEP, "--kill-at-step", str(STEPS_PER_RUN + 3))
+    assert code != 0, text[-3000:]
+    assert not (out / "summary.json").exists()
+    done = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "runs").glob("*.json")}
+    # each process dies 3 steps into its 2nd run; the first to die ends the sweep: 1 or 2 runs finished
+    assert 1 <= len(done) <= 2, sorted(done)
+    code, text = run(SCRIPT, out, *SWEEP, "--resume", "auto")
+    assert code == 0, text[-3000:]
+    assert f"({len(done)} already done)" in text  # the finished runs were kept ...
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in done} == done  # ... untouched
+    assert_same_sweep(out, finished)  # and the others were trained again, as in an uninterrupted sweep
