@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ._checks import check_float_input, positive_int
+
 __all__ = ["Attention", "BottleneckAttention", "CrossAttention", "masked_attention"]
 
 
@@ -100,7 +102,8 @@ def _zero_blind_queries(out: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 
 
 def _head_dim(dim: int, heads: int) -> int:
-    if heads < 1 or dim % heads != 0:
+    dim, heads = positive_int("dim", dim), positive_int("heads", heads)
+    if dim % heads != 0:
         raise ValueError(f"dim: expected a multiple of heads={heads}, got dim={dim}")
     return dim // heads
 
@@ -130,7 +133,8 @@ class Attention(nn.Module):
             A plain attribute, may be flipped after construction.
 
     Shapes:
-        - x: ``(B, N, C)``
+        - x: ``(B, N, C)``, floating, of the parameters' dtype (any floating dtype under
+          ``torch.autocast``); an integer or mismatched ``x`` raises a ``TypeError``
         - mask: ``(B, N)`` key padding, ``(B, N, N)`` or ``(B, heads, N, N)``, bool
         - output: ``(B, N, C)``
     """
@@ -154,6 +158,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         _check_tokens(x, "x", self.dim)
+        check_float_input(x, "x", self.qkv.weight.dtype)
         b, n, _ = x.shape
         mask = _key_mask(mask, "mask", b, self.heads, n, n)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
@@ -197,7 +202,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.head_dim = _head_dim(dim, heads)
         self.dim = dim
-        self.context_dim = context_dim
+        self.context_dim = positive_int("context_dim", context_dim)
         self.heads = heads
         self.attn_drop = attn_drop
         self.fused = fused
@@ -215,6 +220,8 @@ class CrossAttention(nn.Module):
         _check_tokens(x, "x", self.dim)
         b, n, _ = x.shape
         _check_tokens(context, "context", self.context_dim, batch=b)
+        check_float_input(x, "x", self.q.weight.dtype)
+        check_float_input(context, "context", self.kv.weight.dtype)
         mask = _key_mask(context_mask, "context_mask", b, self.heads, n, context.shape[1])
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
@@ -253,7 +260,7 @@ class BottleneckAttention(nn.Module):
     def __init__(self, channels: int, heads: int = 4, qkv_bias: bool = False, fused: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        self.channels = channels
+        self.channels = positive_int("channels", channels)
         self.norm = nn.LayerNorm(channels, device=device, dtype=dtype)
         self.attn = Attention(channels, heads, qkv_bias=qkv_bias, fused=fused, device=device, dtype=dtype)
         self.reset_parameters()
@@ -267,6 +274,7 @@ class BottleneckAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        check_float_input(x, "x", self.attn.qkv.weight.dtype)
         b, _, h, w = x.shape
         if mask is not None:
             if tuple(mask.shape) != (b, h, w):

@@ -220,7 +220,8 @@ class DDPMScheduler(nn.Module):
         return DDPMStepOutput(prev.to(x_t.dtype), x0.to(x_t.dtype))
 
     def ddim_step(self, eps: torch.Tensor, t: int | torch.Tensor, t_prev: int | torch.Tensor, x_t: torch.Tensor,
-                  eta: float = 0.0, generator: torch.Generator | None = None) -> DDPMStepOutput:
+                  eta: float = 0.0, generator: torch.Generator | None = None, *,
+                  use_clipped_model_output: bool = False) -> DDPMStepOutput:
         r"""One DDIM step (Song et al. eq. 12) from ``t`` to ``t_prev`` (-1 = the clean sample).
 
         .. math::
@@ -228,8 +229,13 @@ class DDPMScheduler(nn.Module):
             \qquad \sigma = \eta\sqrt{\tfrac{1-\bar\alpha_{t'}}{1-\bar\alpha_t}\big(1-\tfrac{\bar\alpha_t}
             {\bar\alpha_{t'}}\big)}
 
-        ``eta=0`` is deterministic and differentiable. When ``clip_sample`` is on, ``eps`` is
-        re-derived from the clipped :math:`\hat x_0` (as diffusers' DDIMScheduler does).
+        with :math:`\hat x_0` the (clipped, when ``clip_sample``) prediction of :meth:`step` and
+        :math:`\bar\alpha_{-1} = 1` (diffusers' ``set_alpha_to_one=True``). ``eta=0`` is
+        deterministic and differentiable. The direction term uses the model's ``eps`` as given
+        (:math:`\hat\epsilon = \epsilon`), diffusers' ``DDIMScheduler.step`` default; with
+        ``use_clipped_model_output=True`` it is re-derived from the clipped prediction,
+        :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1-\bar\alpha_t}`, as diffusers does
+        with the same keyword (GLIDE's choice). The two differ only where the clip was active.
         """
         self._check_pair(eps, "eps", x_t, "x_t")
         if eta < 0:
@@ -242,7 +248,7 @@ class DDPMScheduler(nn.Module):
         ac_t, ac_prev, work = self._gather(x_t, ti, tp)
         xw, ew = x_t.to(work), eps.to(work)
         x0 = self._pred_x0(ew, xw, ac_t)
-        if self.clip_sample:
+        if use_clipped_model_output:
             ew = (xw - ac_t**0.5 * x0) / (1 - ac_t) ** 0.5
         var = (1 - ac_prev) / (1 - ac_t) * (1 - ac_t / ac_prev)
         sigma = eta * var**0.5
@@ -260,7 +266,7 @@ class DDPMScheduler(nn.Module):
 
     def sample(self, model: Callable[..., torch.Tensor], shape: Sequence[int], steps: int | None = None,
                eta: float = 0.0, generator: torch.Generator | None = None, device=None, dtype=None,
-               enable_grad: bool = False, **cond) -> torch.Tensor:
+               enable_grad: bool = False, use_clipped_model_output: bool = False, **cond) -> torch.Tensor:
         """Generate from pure noise: ancestral DDPM over all ``T`` steps, or DDIM over ``steps``.
 
         ``model(x_t, t, **cond)`` must return the predicted noise, shaped like ``x_t``; ``t`` is a
@@ -278,6 +284,7 @@ class DDPMScheduler(nn.Module):
             device: default: the buffers' device.
             dtype: sample dtype (default float32).
             enable_grad: keep autograd on.
+            use_clipped_model_output: DDIM only, see :meth:`ddim_step`.
             **cond: forwarded to ``model``.
 
         Shapes:
@@ -297,7 +304,8 @@ class DDPMScheduler(nn.Module):
                     x = self.step(eps, t, x, generator).prev_sample
                 else:
                     t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                    x = self.ddim_step(eps, t, t_prev, x, eta, generator).prev_sample
+                    x = self.ddim_step(eps, t, t_prev, x, eta, generator,
+                                       use_clipped_model_output=use_clipped_model_output).prev_sample
         return x
 
     def extra_repr(self) -> str:

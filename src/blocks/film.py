@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._checks import check_float_input, positive_int
+
 __all__ = ["FiLM"]
 
 
@@ -28,14 +30,14 @@ class FiLM(nn.Module):
 
     Shapes:
         - x: ``(B, C, *spatial)`` with any number (0 included) of trailing dims
-        - cond: ``(B, cond_dim)``
+        - cond: ``(B, cond_dim)``, floating, the projection's dtype (any float dtype under autocast)
         - output: same as ``x``
     """
 
     def __init__(self, cond_dim: int, channels: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        self.cond_dim = cond_dim
-        self.channels = channels
+        self.cond_dim = positive_int("cond_dim", cond_dim)
+        self.channels = positive_int("channels", channels)
         self.proj = nn.Linear(cond_dim, 2 * channels, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
 
@@ -49,6 +51,7 @@ class FiLM(nn.Module):
             raise ValueError(f"x: expected (B, {self.channels}, *spatial), got {tuple(x.shape)}")
         if cond.dim() != 2 or cond.shape != (x.shape[0], self.cond_dim):
             raise ValueError(f"cond: expected ({x.shape[0]}, {self.cond_dim}), got {tuple(cond.shape)}")
+        check_float_input(cond, "cond", self.proj.weight.dtype)
         gamma, beta = self.proj(cond).chunk(2, dim=-1)
         view = (*gamma.shape, *([1] * (x.dim() - 2)))
         return x * (1 + gamma.view(view)) + beta.view(view)

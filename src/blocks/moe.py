@@ -49,8 +49,11 @@ class MixtureOfExperts(nn.Module):
 
     Args:
         experts: the ``E`` expert modules; each maps a batch of rows ``(b, *in)`` to
-            ``(b, *out)`` with the same ``*out`` for all experts. Experts may be copies of one
-            pretrained backbone (the m-height recipe); the gate breaks the symmetry.
+            ``(b, *out)`` with the same ``*out`` for all experts (checked at construction for
+            experts that declare their width, ``nn.Linear`` or an ``nn.Sequential`` ending in
+            one, and on every forward before the combine: a ``ValueError`` names the expert).
+            Experts may be copies of one pretrained backbone (the m-height recipe); the gate
+            breaks the symmetry.
         gate: a gate module (:class:`KeyGate`, :class:`SoftGate`, :class:`TopKGate` or your own
             returning a ``GateOutput``-like tuple with ``weights`` and ``indices``, and having
             ``num_experts`` and ``dense`` attributes).
@@ -76,6 +79,10 @@ class MixtureOfExperts(nn.Module):
         num = getattr(gate, "num_experts", len(experts))
         if num != len(experts):
             raise ValueError(f"gate: expected num_experts == len(experts) ({len(experts)}), got {num}")
+        widths = {e: w for e, w in enumerate(map(_declared_width, experts)) if w is not None}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"experts: expected the same output width for every expert, got declared widths "
+                             f"{widths} (expert index: width)")
         self.experts = nn.ModuleList(experts)
         self.gate = gate
 
@@ -114,6 +121,8 @@ class MixtureOfExperts(nn.Module):
                 out_dtype = y.dtype
                 acc = torch.promote_types(y.dtype, torch.float32)
                 total = torch.zeros(y.shape, device=y.device, dtype=acc)
+            else:
+                _check_out(y, total.shape[1:], e)
             w = weights[:, e].to(total.dtype)
             total = total + w.view(-1, *([1] * (y.dim() - 1))) * y.to(total.dtype)
         return total.to(out_dtype)
@@ -143,12 +152,30 @@ class MixtureOfExperts(nn.Module):
                 out_dtype = y.dtype
                 acc = torch.promote_types(y.dtype, torch.float32)
                 output = torch.zeros((batch, *y.shape[1:]), device=y.device, dtype=acc)
+            else:
+                _check_out(y, output.shape[1:], e)
             w = weights.index_select(0, index)[:, e].to(output.dtype)
             output.index_add_(0, index, w.view(-1, *([1] * (y.dim() - 1))) * y.to(output.dtype))
         if output is None:  # empty batch: no expert got a row; run one on it for the output shape
             y = self.experts[0](*inputs)
             return torch.zeros_like(y)
         return output.to(out_dtype)
+
+
+def _declared_width(expert: nn.Module) -> int | None:
+    """The output width of an ``nn.Linear`` (or an ``nn.Sequential`` ending in one), known without
+    running it; None for any other module (an ``out_dim`` attribute is not reliable: GraphAttention's
+    output is ``heads * out_dim`` wide)."""
+    if isinstance(expert, nn.Sequential) and len(expert) and isinstance(expert[-1], nn.Linear):
+        expert = expert[-1]
+    return expert.out_features if isinstance(expert, nn.Linear) else None
+
+
+def _check_out(y: torch.Tensor, expected: torch.Size, e: int) -> None:
+    # before the combine: broadcasting would silently widen (B, 1) to (B, k), index_add_ fails cryptically
+    if y.shape[1:] != expected:
+        raise ValueError(f"experts: expected every expert to return (rows, *out) with the same *out; the "
+                         f"first returned *out = {tuple(expected)}, expert {e} returned {tuple(y.shape)}")
 
 
 def _shapes(inputs: tuple) -> list:

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ._checks import check_float_input, positive_int
 from .norm import group_norm
 
 __all__ = ["ResBlock"]
@@ -43,7 +44,8 @@ class ResBlock(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        out_channels = in_channels if out_channels is None else out_channels
+        in_channels = positive_int("in_channels", in_channels)
+        out_channels = in_channels if out_channels is None else positive_int("out_channels", out_channels)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False, **dd)
@@ -58,6 +60,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        check_float_input(x, "x", self.conv1.weight.dtype)
         h = self.act1(self.norm1(self.conv1(x)))
         h = self.norm2(self.conv2(h))
         return self.act2(self.skip(x) + h)

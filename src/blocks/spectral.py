@@ -6,9 +6,12 @@ https://arxiv.org/abs/2010.08895
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import nn
+
+from ._checks import positive_int
 
 __all__ = ["SpectralConv2d"]
 
@@ -28,10 +31,18 @@ def _complex_mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _pair(modes: int | tuple[int, int]) -> tuple[int, int]:
-    m = (modes, modes) if isinstance(modes, int) else tuple(modes)
-    if len(m) != 2 or any(not isinstance(v, int) or v < 1 for v in m):
+    def is_int(v) -> bool:
+        return isinstance(v, Integral) and not isinstance(v, bool)
+
+    if is_int(modes):
+        m = (modes, modes)
+    elif isinstance(modes, (tuple, list)) and all(is_int(v) for v in modes):
+        m = tuple(modes)
+    else:
+        raise TypeError(f"modes: expected a positive int or a pair of them, got {modes!r}")
+    if len(m) != 2 or any(v < 1 for v in m):
         raise ValueError(f"modes: expected a positive int or a pair of them, got {modes!r}")
-    return m
+    return int(m[0]), int(m[1])
 
 
 class SpectralConv2d(nn.Module):
@@ -66,14 +77,16 @@ class SpectralConv2d(nn.Module):
         bias: add a learned per-channel bias after the inverse FFT.
 
     Shapes:
-        - x: ``(B, in_channels, H, W)``
+        - x: ``(B, in_channels, H, W)``, real floating point (integer and complex input raise a
+          ``TypeError``); ``B = 0`` gives an empty output
         - output: ``(B, out_channels, H, W)``, dtype of ``x``
     """
 
     def __init__(self, in_channels: int, out_channels: int, modes: int | tuple[int, int] = 12,
                  bias: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
         self.modes = _pair(modes)
         m1, m2 = self.modes
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, 2 * m1, m2, 2,
@@ -94,10 +107,15 @@ class SpectralConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():  # int input would come back as truncated int garbage
+            raise TypeError(f"x: expected a real floating-point tensor, got {x.dtype}")
         height, width = x.shape[-2:]
         m1, m2 = self.effective_modes(height, width)
-        if m1 < 1:
-            raise ValueError(f"x: expected H >= 2 to keep any vertical mode, got {tuple(x.shape)}")
+        if m1 < 1 or width < 1:
+            raise ValueError(f"x: expected H >= 2 and W >= 1 to keep any mode, got {tuple(x.shape)}")
+        if x.shape[0] == 0:  # the FFT backends reject empty batches (MKL: "Inconsistent configuration")
+            out = x.new_zeros(0, self.out_channels, height, width)
+            return out if self.bias is None else out + self.bias.to(x.dtype)[:, None, None]
         full = self.modes[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             # rfft2 / irfft2 split by axis, so only the m2 kept columns are transformed along H

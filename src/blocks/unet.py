@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_float_input, positive_int
 from .attention import BottleneckAttention, CrossAttention
 from .film import FiLM
 from .norm import group_norm
@@ -135,6 +136,7 @@ class EncoderLevel(_Level):
                  norm_layer: Callable[..., nn.Module] = group_norm, device=None, dtype=None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        in_channels, out_channels = positive_int("in_channels", in_channels), positive_int("out_channels", out_channels)
         self.in_channels, self.out_channels, self.downsample = in_channels, out_channels, downsample
         self.pool = nn.MaxPool2d(2) if downsample else nn.Identity()
         self.stem = _Stem(in_channels, out_channels, act_layer, norm_layer, dd)
@@ -146,6 +148,7 @@ class EncoderLevel(_Level):
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if self.downsample and (x.shape[2] % 2 or x.shape[3] % 2):
             raise ValueError(f"x: expected even H and W to downsample, got {tuple(x.shape)}")
+        check_float_input(x, "x", self.stem[0].weight.dtype)
         _check_cond(cond, self.cond_dim, x.shape[0])
         _check_context(context, self.context_dim, x.shape[0])
         return self._tail(self.stem(self.pool(x)), cond, context, context_mask)
@@ -186,6 +189,8 @@ class DecoderLevel(_Level):
                  device=None, dtype=None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        in_channels, skip_channels, out_channels = (positive_int(n, v) for n, v in (
+            ("in_channels", in_channels), ("skip_channels", skip_channels), ("out_channels", out_channels)))
         self.in_channels, self.skip_channels, self.out_channels = in_channels, skip_channels, out_channels
         self.upsample_mode = upsample_mode
         self.proj_x = nn.Conv2d(in_channels, out_channels, 1, bias=False, **dd)
@@ -201,6 +206,8 @@ class DecoderLevel(_Level):
         expected = (x.shape[0], self.skip_channels, 2 * x.shape[2], 2 * x.shape[3])
         if skip.shape != expected:
             raise ValueError(f"skip: expected {expected}, got {tuple(skip.shape)}")
+        check_float_input(x, "x", self.proj_x.weight.dtype)
+        check_float_input(skip, "skip", self.proj_skip.weight.dtype)
         _check_cond(cond, self.cond_dim, x.shape[0])
         _check_context(context, self.context_dim, x.shape[0])
         align = True if self.upsample_mode in ("bilinear", "bicubic") else None
@@ -252,6 +259,9 @@ class UNet(nn.Module):
         - x: ``(B, C_in, H, W)``; cond: ``(B, cond_dim)``; context: ``(B, L_ctx, context_dim)``
         - context_mask: optional ``(B, L_ctx)`` bool, True = that context token is NOT attended
         - output: ``(B, C_out, H, W)``, or ``(B, widths[0], H, W)`` when ``out_channels`` is None
+
+    ``x`` must be floating point and of the parameters' dtype (float32, bfloat16, float16 or
+    float64), any floating dtype under ``torch.autocast``; otherwise a ``TypeError`` names it.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None,
@@ -262,9 +272,18 @@ class UNet(nn.Module):
                  norm_layer: Callable[..., nn.Module] = group_norm, upsample_mode: str = "bilinear",
                  device=None, dtype=None) -> None:
         super().__init__()
+        in_channels = positive_int("in_channels", in_channels)
+        out_channels = positive_int("out_channels", out_channels, optional=True)
         widths = tuple(widths)
-        if len(widths) < 1 or any(w < 1 for w in widths):
+        if len(widths) < 1:
             raise ValueError(f"widths: expected at least one positive width, got {widths}")
+        widths = tuple(positive_int(f"widths[{i}]", w) for i, w in enumerate(widths))
+        cond_dim = positive_int("cond_dim", cond_dim, optional=True)
+        context_dim = positive_int("context_dim", context_dim, optional=True)
+        heads = positive_int("heads", heads)
+        context_levels = positive_int("context_levels", context_levels, minimum=0)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         if attention and widths[-1] % heads:
             raise ValueError(f"heads: expected a divisor of the bottleneck width {widths[-1]}, got {heads}")
         dd = {"device": device, "dtype": dtype}
@@ -292,6 +311,7 @@ class UNet(nn.Module):
     def _check(self, x: torch.Tensor, cond: torch.Tensor | None, context: torch.Tensor | None) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        check_float_input(x, "x", self.encoders[0].stem[0].weight.dtype)
         _check_cond(cond, self.cond_dim, x.shape[0])
         _check_context(context, self.context_dim, x.shape[0])
 

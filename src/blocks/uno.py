@@ -11,6 +11,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
+from ._checks import positive_int
 from .fno import FNOBlock
 
 __all__ = ["HybridUNO"]
@@ -84,11 +85,13 @@ class HybridUNO(nn.Module):
                  act_layer: Callable[[], nn.Module] = nn.GELU, input_size: int | tuple[int, int] | None = None,
                  device=None, dtype=None) -> None:
         super().__init__()
+        in_channels, out_channels = positive_int("in_channels", in_channels), positive_int("out_channels", out_channels)
+        hidden, modes = positive_int("hidden", hidden), positive_int("modes", modes)
+        max_channels = positive_int("max_channels", max_channels, optional=True)
+        levels, blocks_per_level = positive_int("levels", levels), positive_int("blocks_per_level", blocks_per_level)
         if input_size is not None:
             size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
             _check_depth(levels, *size, name="input_size")
-        if levels < 1 or blocks_per_level < 1:
-            raise ValueError(f"levels and blocks_per_level: expected >= 1, got {levels}, {blocks_per_level}")
         if max_channels is not None and max_channels < hidden:
             raise ValueError(f"max_channels: expected >= hidden={hidden}, got {max_channels}")
         dd = {"device": device, "dtype": dtype}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,12 @@ import torch
 from torch.utils.data import Sampler
 
 __all__ = ["BucketBatchSampler", "rank_batches"]
+
+
+def _check_int(name: str, value: Any) -> None:
+    # a float batch size would fail later inside range() with a message that names no argument
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
 
 
 def _group_codes(groups: Any) -> np.ndarray:
@@ -54,6 +61,9 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __init__(self, groups: Sequence[Hashable] | Any, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        for name, value in (("batch_size", batch_size), ("rank", rank), ("world_size", world_size)):
+            _check_int(name, value)
+        batch_size, rank, world_size = int(batch_size), int(rank), int(world_size)
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -118,6 +128,9 @@ def rank_batches(num_samples: int, batch_size: int, epoch: int, seed: int = 0, r
     Shapes:
         - output: ``(steps, batch_size)`` int64 with ``steps = num_samples // (world_size * batch_size)``
     """
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("epoch", epoch),
+                        ("seed", seed), ("rank", rank), ("world_size", world_size)):
+        _check_int(name, value)
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"batch_size, rank, world_size: expected >= 1 and 0 <= rank < world_size, got "
                          f"{batch_size}, {rank}, {world_size}")

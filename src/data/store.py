@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._safetensors import CorruptedStoreError, array_to_torch, map_file, sha256_file
+from ._safetensors import DTYPES, CorruptedStoreError, array_to_torch, map_file, sha256_file
 from .store_writer import FORMAT, INDEX, SOURCE, GroupedStoreWriter
 
 __all__ = ["CorruptedStoreError", "GroupedStore", "StoreGroup"]
@@ -48,10 +48,13 @@ class GroupedStore:
     - ``group_NNNN_<H>x<W>.safetensors``: every field stacked along a leading sample dim,
       dtype exactly as written, plus ``__source_index__`` (insertion position of each sample).
 
-    Opening reads the index, checks every group file's size and, with ``verify=True`` (default),
-    its sha256 (streamed, constant memory; a :class:`CorruptedStoreError` names the bad file).
-    Data is never loaded: each process memory-maps the files on first access (the maps are
-    dropped when the store is pickled to a DataLoader worker and re-opened there), so only the
+    Opening reads the index and checks its structure (a valid JSON of the wrong shape, or a
+    ``num_samples`` that is not the sum of the group counts, is a :class:`CorruptedStoreError`),
+    every group file's size and, with ``verify=True`` (default), its sha256 (streamed, constant
+    memory; a :class:`CorruptedStoreError` names the bad file). A group file's header (row count,
+    shapes, dtypes) is checked against the index when the file is first mapped. Data is never
+    loaded: each process memory-maps the files on first access (the maps are dropped when the
+    store is pickled to a DataLoader worker and re-opened there), so only the
     rows touched are paged in and DDP ranks on one node share the page cache instead of
     holding one copy each. Hashing reads every byte once: under DDP, verify on one rank
     (``verify=dist_info.is_main``) and open with ``verify=False`` elsewhere.
@@ -74,8 +77,7 @@ class GroupedStore:
             index = json.loads(index_path.read_text())
         except ValueError as err:
             raise CorruptedStoreError(f"{index_path}: unreadable index ({err})") from None
-        if index.get("format") != FORMAT:
-            raise CorruptedStoreError(f"{index_path}: format {index.get('format')!r}, expected {FORMAT!r}")
+        _check_index(index, index_path)
         self._index = index
         self.fields: dict[str, str] = {n: ("str" if f["kind"] == "string" else f["dtype"])
                                        for n, f in index["fields"].items()}
@@ -134,13 +136,15 @@ class GroupedStore:
         out = np.searchsorted(self._stops, idx, side="right")
         return int(out) if out.ndim == 0 else out
 
-    def _check(self, index: int | Sequence[int] | np.ndarray) -> np.ndarray:
+    def _check(self, index: int | Sequence[int] | np.ndarray, name: str = "index") -> np.ndarray:
         idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)
+        if idx.size == 0:  # np.asarray([]) is float64: an empty list is empty, not of the wrong type
+            idx = idx.astype(np.int64)
         if idx.dtype.kind not in "iu":
-            raise TypeError(f"index: expected integers, got {idx.dtype}")
+            raise TypeError(f"{name}: expected integers, got {idx.dtype}")
         n = len(self)
         if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"index: out of range for a store of {n} samples")
+            raise IndexError(f"{name}: out of range for a store of {n} samples")
         return np.where(idx < 0, idx + n, idx).astype(np.int64)
 
     def _arrays(self, g: int) -> dict[str, np.ndarray]:
@@ -173,7 +177,7 @@ class GroupedStore:
 
     def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, Any]:
         """Gather several samples of ONE group in one read per field (any order, repeats allowed)."""
-        idx = self._check(indices).reshape(-1)
+        idx = self._check(indices, "indices").reshape(-1)
         if idx.size == 0:
             raise ValueError("indices: expected at least one index, got 0")
         g = int(np.searchsorted(self._stops, idx[0], side="right"))
@@ -208,3 +212,43 @@ class GroupedStore:
     def nbytes(self) -> int:
         """Total bytes on disk (group files and index)."""
         return sum(g["bytes"] for g in self._index["groups"]) + (self.path / INDEX).stat().st_size
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_index(index: Any, where: Path) -> None:
+    """Raise :class:`CorruptedStoreError` unless ``index`` has the structure the writer produces."""
+    def bad(what: str) -> CorruptedStoreError:
+        return CorruptedStoreError(f"{where}: {what}")
+
+    if not isinstance(index, dict):
+        raise bad(f"expected a JSON object, got {type(index).__name__}")
+    if index.get("format") != FORMAT:
+        raise bad(f"format {index.get('format')!r}, expected {FORMAT!r}")
+    num, fields, spatial, groups = (index.get(k) for k in ("num_samples", "fields", "spatial_fields", "groups"))
+    if not _is_int(num) or num < 0:
+        raise bad(f"num_samples: expected an int >= 0, got {num!r}")
+    if not isinstance(fields, dict) or not all(
+            isinstance(f, dict) and f.get("kind") in ("array", "string") and f.get("dtype") in DTYPES
+            and (f["kind"] == "array" or isinstance(f.get("values"), list)) for f in fields.values()):
+        raise bad(f"fields: expected {{name: {{kind, dtype[, values]}}}}, got {fields!r}"[:300])
+    if not isinstance(spatial, list) or not all(isinstance(n, str) for n in spatial):
+        raise bad(f"spatial_fields: expected a list of field names, got {spatial!r}")
+    if not isinstance(groups, list):
+        raise bad(f"groups: expected a list, got {type(groups).__name__}")
+    start = 0
+    for g, meta in enumerate(groups):
+        ok = (isinstance(meta, dict) and isinstance(meta.get("key"), list) and all(map(_is_int, meta["key"]))
+              and isinstance(meta.get("file"), str) and Path(meta["file"]).name == meta["file"]
+              and isinstance(meta.get("sha256"), str) and _is_int(meta.get("bytes"))
+              and _is_int(meta.get("count")) and meta["count"] >= 0 and meta.get("start") == start
+              and isinstance(meta.get("shapes"), dict) and meta["shapes"].keys() == fields.keys()
+              and all(isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v) for v in meta["shapes"].values()))
+        if not ok:
+            raise bad(f"groups[{g}]: expected {{key, file, count, start={start}, shapes of {sorted(fields)}, "
+                      f"bytes, sha256}}, got {meta!r}"[:400])
+        start += meta["count"]
+    if start != num:
+        raise bad(f"num_samples: {num}, but the groups hold {start} samples")

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_all
+
 __all__ = ["MASK_FILL", "WTAOutput", "gaussian_heatmap", "wta_heatmap_loss"]
 
 # Large finite negative used instead of -inf for masked logits: -inf turns into NaN through
@@ -24,6 +26,20 @@ def _check_centers(centers: torch.Tensor, batch: int | None = None) -> None:
         raise ValueError(f"centers: expected ({b}, 2) integer (y, x), got {tuple(centers.shape)}")
     if centers.is_floating_point() or centers.is_complex():
         raise TypeError(f"centers: expected an integer tensor, got {centers.dtype}")
+
+
+def _check_inside(centers: torch.Tensor, height: int, width: int) -> None:
+    # An outside centre is never "the target pixel": its Gaussian is truncated (or underflows to
+    # 0/0 = NaN far away) and, with a mask, a negative index wraps around to the other edge.
+    y, x = centers[:, 0], centers[:, 1]
+    inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
+
+    def got() -> str:
+        rows = torch.nonzero(~inside).flatten()[:4]
+        return f"{centers[rows].tolist()} at rows {rows.tolist()}"
+
+    check_all(inside, f"centers: expected (y, x) inside the {height}x{width} image "
+                      f"(0 <= y < {height}, 0 <= x < {width})", got)
 
 
 def _check_mask(mask: torch.Tensor | None, shape: tuple[int, int, int]) -> None:
@@ -43,7 +59,8 @@ def gaussian_heatmap(centers: torch.Tensor, size: tuple[int, int], sigma: float 
     proper distribution (a fully masked sample degenerates to a one-hot at its centre).
 
     Args:
-        centers: integer ``(y, x)`` of each sample's target pixel.
+        centers: integer ``(y, x)`` of each sample's target pixel, inside the map (range check:
+            see :func:`wta_heatmap_loss`).
         size: ``(H, W)`` of the maps.
         sigma: standard deviation in pixels.
         mask: optional bool map, ``True`` = masked (probability 0 there).
@@ -56,8 +73,18 @@ def gaussian_heatmap(centers: torch.Tensor, size: tuple[int, int], sigma: float 
     _check_centers(centers)
     height, width = size
     _check_mask(mask, (centers.shape[0], height, width))
-    if sigma <= 0:
+    _check_sigma(sigma)
+    _check_inside(centers, height, width)
+    return _gaussian(centers, height, width, sigma, mask)
+
+
+def _check_sigma(sigma: float) -> None:
+    if not sigma > 0:
         raise ValueError(f"sigma: expected > 0, got {sigma}")
+
+
+def _gaussian(centers: torch.Tensor, height: int, width: int, sigma: float,
+              mask: torch.Tensor | None) -> torch.Tensor:
     ys = torch.arange(height, device=centers.device, dtype=torch.float32)
     xs = torch.arange(width, device=centers.device, dtype=torch.float32)
     cy = centers[:, 0].float()[:, None, None]
@@ -98,9 +125,14 @@ def wta_heatmap_loss(logits: torch.Tensor, centers: torch.Tensor, mask: torch.Te
     are replaced by a large finite negative, never ``-inf``, so fully masked rows stay finite. The
     target pixel is always treated as unmasked. ``L`` is clamped at ``max_loss``.
 
+    ``centers`` must lie inside the image (``0 <= y < H``, ``0 <= x < W``). On the CPU an
+    outside centre raises a ``ValueError`` naming it; on other devices and under
+    ``torch.compile`` the range check is a ``torch._assert_async`` (no host sync, no graph
+    break; a failure is a ``RuntimeError`` / device-side assert).
+
     Args:
         logits: position logits of K hypotheses.
-        centers: integer ``(y, x)`` target of each sample.
+        centers: integer ``(y, x)`` target of each sample, inside the image.
         mask: optional bool map, ``True`` = masked (not a legal prediction).
         sigma: Gaussian target's standard deviation in pixels.
         max_loss: upper clamp of each per-hypothesis loss.
@@ -116,7 +148,9 @@ def wta_heatmap_loss(logits: torch.Tensor, centers: torch.Tensor, mask: torch.Te
     batch, k, height, width = logits.shape
     _check_centers(centers, batch)
     _check_mask(mask, (batch, height, width))
-    target = gaussian_heatmap(centers, (height, width), sigma=sigma, mask=mask)
+    _check_sigma(sigma)
+    _check_inside(centers, height, width)
+    target = _gaussian(centers, height, width, sigma, mask)
     logits = logits.float()
     if mask is not None:
         rows = torch.arange(batch, device=logits.device)

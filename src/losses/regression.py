@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import check_all
+
 __all__ = ["CompositeLoss", "LossOutput", "dice_loss", "log2_mse", "masked_mse"]
 
 
@@ -51,6 +53,10 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 
     .. math:: 1 - \frac{2 \sum p t + \epsilon}{\sum p + \sum t + \epsilon}
 
+    ``target`` holds (soft) labels in ``[0, 1]``: a value outside (e.g. class indices, or 0/255
+    masks) raises a ``ValueError`` on the CPU; on other devices and under ``torch.compile`` the
+    range check is a ``torch._assert_async`` (no host sync; a failure is a ``RuntimeError``).
+
     Shapes:
         - logits, target: ``(B, C, *spatial)``
         - output: scalar
@@ -58,8 +64,12 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     if logits.shape != target.shape or logits.dim() < 2:
         raise ValueError(f"logits: expected target's shape {tuple(target.shape)} with rank >= 2, "
                          f"got {tuple(logits.shape)}")
-    p = torch.sigmoid(logits.float()).flatten(2)
     t = target.float().flatten(2)
+    if t.numel():
+        lo, hi = torch.aminmax(t)
+        check_all((lo >= 0) & (hi <= 1), "target: expected values in [0, 1]",
+                  lambda: f"values in [{lo.item()}, {hi.item()}]")
+    p = torch.sigmoid(logits.float()).flatten(2)
     dice = (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
     return 1 - dice.mean()
 

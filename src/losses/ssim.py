@@ -5,8 +5,12 @@ IEEE TIP 2004. https://doi.org/10.1109/TIP.2003.819861
 """
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import torch
 import torch.nn.functional as F
+
+from ._checks import check_all
 
 __all__ = ["ssim"]
 
@@ -34,9 +38,12 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float | torch.Ten
     Args:
         pred: predicted images.
         target: reference images.
-        data_range: ``L``, the value range; default ``target.max() - target.min()`` per sample.
-        window_size: odd Gaussian window size (clamped to the image size).
-        sigma: window standard deviation.
+        data_range: ``L > 0``, the value range, a number or a tensor ``()`` / ``(B,)``; default
+            ``target.max() - target.min()`` per sample. A tensor is range-checked like
+            :func:`~blockyard.losses.dice_loss`'s target (exact on the CPU, an async assert elsewhere).
+        window_size: odd Gaussian window size, at most ``min(H, W)`` (scikit-image's rule; a
+            larger window raises a ``ValueError`` rather than silently measuring a smaller one).
+        sigma: window standard deviation (> 0).
         k1, k2: stabilising constants.
         reduction: ``"mean"`` (a scalar) or ``"none"`` (one value per sample).
 
@@ -49,10 +56,22 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float | torch.Ten
                          f"got {tuple(pred.shape)}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+    channels, height, width = pred.shape[1:]
+    if isinstance(window_size, bool) or not isinstance(window_size, Integral):
+        raise TypeError(f"window_size: expected an odd int, got {window_size!r}")
+    if window_size < 1 or window_size % 2 == 0 or window_size > min(height, width):
+        raise ValueError(f"window_size: expected an odd int in [1, min(H, W) = {min(height, width)}], "
+                         f"got {window_size} for images {tuple(pred.shape)}")
+    if not sigma > 0:
+        raise ValueError(f"sigma: expected > 0, got {sigma}")
+    if isinstance(data_range, torch.Tensor):
+        if data_range.shape not in ((), (pred.shape[0],)):
+            raise ValueError(f"data_range: expected a tensor () or ({pred.shape[0]},), got {tuple(data_range.shape)}")
+        check_all(data_range > 0, "data_range: expected > 0", lambda: f"{data_range.tolist()}")
+    elif data_range is not None and not (isinstance(data_range, Real) and data_range > 0):
+        raise ValueError(f"data_range: expected None or a number > 0, got {data_range!r}")
     x, y = pred.float(), target.float()
-    channels, height, width = x.shape[1:]
-    size = min(window_size, height, width)
-    size -= 1 - size % 2  # keep it odd
+    size = int(window_size)
     g = _gaussian_window(size, sigma, x.device)
     kernel = (g[:, None] * g[None, :]).expand(channels, 1, size, size)
 

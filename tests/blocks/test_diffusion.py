@@ -200,6 +200,43 @@ def test_ddim_eta1_noise_scale():
     torch.testing.assert_close(diff.double(), sigma * dz.double(), rtol=1e-4, atol=1e-7)
 
 
+def ref_ddim(eps, t, t_prev, x, z, ac, eta, use_clipped_model_output):
+    """diffusers' DDIMScheduler.step (epsilon, clip_sample=True, set_alpha_to_one=True) written out, float64."""
+    eps, x = eps.double(), x.double()
+    a_t = float(ac[t])
+    a_p = float(ac[t_prev]) if t_prev >= 0 else 1.0
+    x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+    if use_clipped_model_output:
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    sigma = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+    prev = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - sigma**2) * eps
+    return (prev + sigma * z.double() if eta > 0 else prev), x0
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_ddim_step_model_output_as_diffusers(use_clipped, eta):
+    # x_t built so that the predicted x0 leaves [-1, 1] for half the entries: the clip is active
+    s = DDPMScheduler()
+    eps = torch.randn(4, 6, generator=gen(3), dtype=torch.float64)
+    x0 = torch.linspace(-2.5, 2.5, 24, dtype=torch.float64).view(4, 6)
+    t, t_prev = 500, 300
+    x_t = s.add_noise(x0, eps, t)
+    got = s.ddim_step(eps, t, t_prev, x_t, eta=eta, generator=gen(7), use_clipped_model_output=use_clipped)
+    z = torch.randn(4, 6, generator=gen(7), dtype=torch.float64)
+    prev, want_x0 = ref_ddim(eps, t, t_prev, x_t, z, s.alphas_cumprod.double(), eta, use_clipped)
+    torch.testing.assert_close(got.pred_original_sample, want_x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.prev_sample, prev, rtol=0, atol=1e-12)
+    # the default is diffusers' default (False), and the two variants differ exactly where x0 was clipped
+    default = s.ddim_step(eps, t, t_prev, x_t, eta=eta, generator=gen(7)).prev_sample
+    other = s.ddim_step(eps, t, t_prev, x_t, eta=eta, generator=gen(7), use_clipped_model_output=not use_clipped)
+    torch.testing.assert_close(default, prev if not use_clipped else other.prev_sample, rtol=0, atol=0)
+    clipped = x0.abs() > 1
+    assert clipped.any() and (~clipped).any()
+    torch.testing.assert_close(got.prev_sample[~clipped], other.prev_sample[~clipped], rtol=0, atol=1e-12)
+    assert (got.prev_sample[clipped] != other.prev_sample[clipped]).all()
+
+
 def oracle(s, seen):
     def model(x, t, target):
         assert t.dtype == torch.long and t.shape == (x.shape[0],)
