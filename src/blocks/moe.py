@@ -73,6 +73,13 @@ class MixtureOfExperts(nn.Module):
 
     def __init__(self, experts: Sequence[nn.Module], gate: nn.Module) -> None:
         super().__init__()
+        if "_sparse_skipped_by_dynamo" not in MixtureOfExperts.__dict__:
+            # dynamo skips _sparse's frame (its row counts are data-dependent ints that would
+            # recompile the graph for every routing pattern) but still compiles what it calls: each
+            # expert becomes its own graph, dynamic in the number of rows. Wrapped on first
+            # construction, not at import: torch.compiler.disable imports torch._dynamo (~1 s).
+            MixtureOfExperts._sparse_skipped_by_dynamo = torch.compiler.disable(MixtureOfExperts._sparse,
+                                                                                  recursive=False)
         experts = list(experts)
         if not experts:
             raise ValueError("experts: expected at least one expert, got 0")
@@ -110,7 +117,7 @@ class MixtureOfExperts(nn.Module):
         if getattr(self.gate, "dense", False):
             output = self._dense(inputs, weights)
         else:
-            output = self._sparse(inputs, weights, routing.indices)
+            output = self._sparse_skipped_by_dynamo(inputs, weights, routing.indices)
         return MoEOutput(output, weights, routing.aux_loss)
 
     def _dense(self, inputs: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
@@ -127,10 +134,6 @@ class MixtureOfExperts(nn.Module):
             total = total + w.view(-1, *([1] * (y.dim() - 1))) * y.to(total.dtype)
         return total.to(out_dtype)
 
-    # dynamo skips this frame (its row counts are data-dependent ints that would recompile the
-    # graph for every routing pattern) but still compiles what it calls: each expert becomes its
-    # own graph, dynamic in the number of rows
-    @torch.compiler.disable(recursive=False)
     def _sparse(self, inputs: tuple[torch.Tensor, ...], weights: torch.Tensor,
                 indices: torch.Tensor) -> torch.Tensor:
         batch = weights.shape[0]
