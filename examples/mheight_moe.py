@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,7 +41,7 @@ from blockyard.blocks import count_parameters
 from blockyard.data import ShardDataset, rank_batches
 from blockyard.train import Dashboard, EarlyStopping, RunDir, Stepper, autocast, seed_everything, warmup_cosine
 from blockyard.train.cli import add_common_args, kill_point, main_print, per_rank_batch, pyplot, run_config
-from blockyard.train.distributed import barrier, is_distributed, setup_distributed, teardown_distributed, wrap_ddp
+from blockyard.train.distributed import barrier, broadcast_buffers, setup_distributed, teardown_distributed, wrap_ddp
 from blockyard.train.gather import predict_rows
 
 #: flag -> (default, default under --smoke)
@@ -113,9 +112,7 @@ def per_group_log2_mse(pred_log2h: torch.Tensor, split: Split) -> dict:
 def predict(model: nn.Module, split: Split, device: torch.device, precision: str) -> torch.Tensor:
     """log2 h predicted for every row of ``split`` (model in eval mode), sharded over the ranks, on every rank."""
     model.eval()
-    if is_distributed():  # DDP leaves each rank its own BatchNorm running stats: evaluate rank 0's everywhere
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
+    broadcast_buffers(model)  # DDP leaves each rank its own BatchNorm running stats: evaluate rank 0's everywhere
 
     def rows_log2h(rows: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
