@@ -7,15 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import run_contract as contract
 import torch
-from run_contract import (
-    check_changed_config_is_refused,
-    check_concurrent_runs,
-    check_damaged_checkpoints_are_refused,
-    check_overwrite_keeps_the_old_run,
-    check_sigkill_resume_is_exact,
-    check_used_out_is_refused,
-)
 from torchrun_helpers import read_metrics, run_example
 from xec.batches import Classical, Split, resolution
 from xec.events import generate
@@ -188,11 +181,11 @@ def test_two_process_smoke_run_pretrains_finetunes_learns_and_reports(ddp_run):
 
 
 ON_A_FINISHED_RUN = {
-    "used_out_is_refused": check_used_out_is_refused,
-    "damaged_checkpoints_are_refused": check_damaged_checkpoints_are_refused,
-    "changed_architecture_is_refused": lambda script, out: check_changed_config_is_refused(
+    "used_out_is_refused": contract.check_used_out_is_refused,
+    "damaged_checkpoints_are_refused": contract.check_damaged_checkpoints_are_refused,
+    "changed_architecture_is_refused": lambda script, out: contract.check_changed_config_is_refused(
         script, out, "--dim", "12", key="dim: saved 8, requested 12"),
-    "overwrite_keeps_the_old_run": check_overwrite_keeps_the_old_run,
+    "overwrite_keeps_the_old_run": contract.check_overwrite_keeps_the_old_run,
 }
 
 
@@ -210,7 +203,7 @@ def test_concurrent_runs_and_fp16_with_accumulation_trains_with_a_real_scaler(tm
     """Two runs at once on one folder: one is refused; the other (fp16, 2 micro-batches per step) trains
     through a real GradScaler: its scale is checkpointed, and skipped overflow steps are counted."""
     out = tmp_path / "run"
-    check_concurrent_runs(SCRIPT, out, "--precision", "fp16", "--accum", "2")
+    contract.check_concurrent_runs(SCRIPT, out, "--precision", "fp16", "--accum", "2")
     summary = json.loads((out / "summary.json").read_text())
     for stage in STAGES:
         newest = sorted((out / stage / "checkpoints").glob("step_*"))[-1]
@@ -229,6 +222,6 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(ddp_run, tmp_pa
     is finished, fine-tuning's epoch-1 checkpoint exists); then --resume auto: pretraining's best weights are
     reloaded, fine-tuning continues from its epoch 1, the scratch stage starts."""
     out = tmp_path / "run"
-    check_sigkill_resume_is_exact(SCRIPT, out, ddp_run[0], METRICS, 14)
+    contract.check_sigkill_resume_is_exact(SCRIPT, out, ddp_run[0], METRICS, 14)
     ref = json.loads((ddp_run[0] / "summary.json").read_text())["table"]  # the results, as printed
     assert json.loads((out / "summary.json").read_text())["table"] == ref
