@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .spectral import SpectralConv2d
@@ -111,7 +112,11 @@ class StableFNOBlock(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] * x.shape[3] < 2:
             raise ValueError(f"x: expected (B, {self.channels}, H, W) with H * W > 1, got {tuple(x.shape)}")
         h = self.branch(x)
-        update = self.norm(h.float()).to(h.dtype)  # statistics in float32 under autocast
+        # Statistics in float32 for half inputs (under autocast too), float64 kept; the affine in the same dtype.
+        compute = torch.promote_types(h.dtype, torch.float32)
+        norm = self.norm
+        update = F.instance_norm(h.to(compute), weight=norm.weight.to(compute), bias=norm.bias.to(compute),
+                                 eps=norm.eps).to(h.dtype)
         if self.gamma is not None:
             update = update * self.gamma.view(1, -1, 1, 1)
         return x + update

@@ -1,3 +1,4 @@
+import copy
 import functools
 import itertools
 
@@ -21,23 +22,59 @@ def test_stable_block_zero_gamma_is_exactly_identity_at_init():
     torch.testing.assert_close(block(x), x, rtol=0, atol=0)
 
 
-def test_stable_block_layerscale_is_near_identity_and_trains_its_gate():
-    block = StableFNOBlock(4, modes=3, scale="layerscale", layerscale_init=1e-3)
-    x = torch.randn(2, 4, 8, 8)
+def instance_norm_by_hand(h, weight, bias, eps):
+    """Per sample and channel: (h - mean) / sqrt(biased variance + eps), then the affine."""
+    mean = h.mean((2, 3), keepdim=True)
+    var = (h - mean).square().mean((2, 3), keepdim=True)
+    return (h - mean) / torch.sqrt(var + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def test_stable_block_layerscale_matches_formula_and_trains_its_gate():
+    init = 1e-3
+    block = StableFNOBlock(4, modes=3, scale="layerscale", layerscale_init=init)
+    assert torch.equal(block.gamma.detach(), torch.full((4,), init))  # the gate starts at layerscale_init exactly
+    norm = block.norm
+    assert torch.equal(norm.weight.detach(), torch.ones(4)) and torch.equal(norm.bias.detach(), torch.zeros(4))
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    block.double()
     y = block(x)
-    delta = (y - x).abs().max()
-    assert 1e-6 < delta < 1e-2
-    # The update is 1e-3 * InstanceNorm(...): per channel, zero mean and unit variance before the gate.
-    normed = (y - x) / 1e-3
-    torch.testing.assert_close(normed.mean((2, 3)), torch.zeros(2, 4), atol=1e-4, rtol=0)
+    b = block.branch
+    h = torch.nn.functional.gelu(b.spectral(x) + b.local_conv(x))  # norm last: after the activation
+    expected = x + block.gamma.view(1, -1, 1, 1) * instance_norm_by_hand(h, block.norm.weight, block.norm.bias,
+                                                                         block.norm.eps)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-14)
+    # The update is init * InstanceNorm(...): per channel, zero mean and unit variance before the gate
+    # (variance var / (var + eps), 1 to about eps / var ~ 1e-4 here).
+    normed = (y - x) / init
+    torch.testing.assert_close(normed.mean((2, 3)), torch.zeros(2, 4, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(normed.var((2, 3), correction=0), torch.ones(2, 4, dtype=torch.float64),
+                               atol=1e-3, rtol=0)
     y.square().sum().backward()
     assert block.gamma.grad.abs().sum() > 0 and block.branch.spectral.weight.grad.abs().sum() > 0
 
 
-def test_stable_block_bf16_and_bad_input():
-    block = StableFNOBlock(4, modes=3, scale="layerscale")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.isfinite(block(torch.randn(2, 4, 8, 8))).all()
+def test_stable_block_bf16_autocast_matches_float32_and_bad_input():
+    torch.manual_seed(0)
+    # Gate 1: the update is O(1), so the comparison sees it (at 1e-3 the residual x would hide it).
+    block = StableFNOBlock(4, modes=3, scale="layerscale", layerscale_init=1.0)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = block(x) - x
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            update = block(x) - x
+    # bf16 keeps 8 significant bits: unit roundoff u = 2**-8. Only the 3x3 conv runs in bf16 (its
+    # input and weights each rounded once, the FFT and the InstanceNorm statistics in float32), so
+    # the update is within a few u of float32 (measured: 0.6 u, relative norm). 2 u = 2**-7 still
+    # fails any wrong op (a missing norm, activation or branch is an O(1) error).
+    assert torch.isfinite(update).all()
+    assert (update - ref).norm() <= 2**-7 * ref.norm()
+    torch.testing.assert_close(update, ref, rtol=0, atol=2**-6 * ref.abs().max().item())
+    # bf16 parameters and input (no autocast): x, the weights and the output are rounded too
+    # (measured 1.1 u); the InstanceNorm still runs in float32.
+    with torch.no_grad():
+        y16 = copy.deepcopy(block).bfloat16()(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    assert (y16.float() - (ref + x)).norm() <= 2**-6 * (ref + x).norm()
     with pytest.raises(ValueError, match="x: expected"):
         block(torch.randn(2, 4, 1, 1))
     with pytest.raises(ValueError, match="scale: expected"):
@@ -80,14 +117,54 @@ def test_max_channels_is_honoured_everywhere():
     assert max(widths) <= 16
 
 
-def test_shapes_gradients_and_stable_identity_path():
+def uno_by_hand(model, x):
+    """HybridUNO with levels=3 written out op by op (the blocks are tested above on their own)."""
+    F = torch.nn.functional
+
+    def conv(m, h, **kw):
+        return F.conv2d(h, m.weight, m.bias, padding=m.padding, **kw)
+
+    def decode(stage, h, skip):
+        up = F.conv_transpose2d(h, stage.up.weight, stage.up.bias, stride=2)
+        h = conv(stage.fuse[0], torch.cat([up, skip], dim=1))  # upsampled first, then the skip
+        return conv(stage.fuse[2], F.gelu(h))
+
+    h = conv(model.lifter[2], F.gelu(conv(model.lifter[0], x)))
+    skip0 = model.encoder[0](h)
+    skip1 = model.encoder[1](conv(model.down[0], skip0, stride=2))
+    h = model.bottleneck(model.encoder[2](conv(model.down[1], skip1, stride=2)))
+    h = decode(model.decoder[1], h, skip1)  # coarsest decoder stage meets the deepest skip
+    h = decode(model.decoder[0], h, skip0)
+    return conv(model.head, h)
+
+
+def test_uno_forward_matches_its_composition_by_hand():
+    torch.manual_seed(0)
+    # Equal widths (max_channels = hidden), so swapped skips or stages would still run: only the values tell.
+    model = HybridUNO(2, 3, hidden=4, levels=3, modes=2, max_channels=4).double()
+    x = torch.randn(2, 2, 8, 12, dtype=torch.float64)  # H != W: a transposed axis would show
+    out = model(x)
+    assert out.shape == (2, 3, 8, 12)
+    torch.testing.assert_close(out, uno_by_hand(model, x), rtol=1e-10, atol=1e-12)
+
+
+def test_zero_gamma_blocks_are_an_identity_path_with_gradients_at_init():
+    torch.manual_seed(0)
     model = HybridUNO(1, 2, hidden=8, levels=3, modes=4,
                       block=functools.partial(StableFNOBlock, scale="zero_gamma"))
+    # The same network with every FNO block replaced by the identity, sharing all other weights.
+    plain = HybridUNO(1, 2, hidden=8, levels=3, modes=4, block=lambda c, m: torch.nn.Identity())
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith(("encoder.", "bottleneck.")) for k in unexpected)
     x = torch.randn(2, 1, 32, 32)
     out = model(x)
     assert out.shape == (2, 2, 32, 32)
+    torch.testing.assert_close(out, plain(x), rtol=0, atol=0)  # exactly: the updates are 0 * IN(...) + 0
     out.square().mean().backward()
-    assert model.lifter[0].weight.grad.abs().sum() > 0
+    assert model.lifter[0].weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
+    for block in [*(stage[0] for stage in model.encoder), model.bottleneck]:
+        assert block.norm.weight.grad.abs().sum() > 0  # the zero gamma learns first ...
+        assert block.branch.local_conv.weight.grad.abs().sum() == 0  # ... the branch only once it moved
 
 
 def test_depth_beyond_the_resolution_is_a_clear_error_before_allocation():
