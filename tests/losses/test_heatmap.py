@@ -97,6 +97,50 @@ def test_diversity_is_zero_for_identical_hypotheses_usage():
     torch.testing.assert_close(out.diversity, torch.tensor(0.0), atol=1e-6, rtol=0)
 
 
+def naive_diversity(per):
+    """``sum_k u_k log u_k + log K``, ``u`` the batch mean of each row's ``softmax(-per)``, float64."""
+    batch, k = per.shape
+    usage = [0.0] * k
+    for b in range(batch):
+        row = [-float(v) for v in per[b]]
+        top = max(row)
+        weights = [math.exp(v - top) for v in row]
+        for j in range(k):
+            usage[j] += weights[j] / sum(weights) / batch
+    return sum(u * math.log(u) for u in usage if u > 0) + math.log(k)
+
+
+def test_diversity_matches_its_formula_on_uneven_usage():
+    gen = torch.Generator().manual_seed(3)
+    centers = torch.tensor([[1, 1], [4, 3], [0, 4], [5, 0]])
+    logits = 2 * torch.randn(4, 3, 6, 5, generator=gen)
+    target = gaussian_heatmap(centers, (6, 5), sigma=1.0)
+    winners = [0, 0, 2, 0]  # hypothesis b's logits are log(target): the exact fit, so it wins that sample
+    for b, k in enumerate(winners):
+        logits[b, k] = target[b].log()
+    out = wta_heatmap_loss(logits, centers, sigma=1.0)
+    assert out.best.tolist() == winners
+    _, per = naive_wta(logits, centers, None, 1.0)
+    expected = naive_diversity(per)
+    assert 0.05 < expected < math.log(3) - 0.05  # uneven, but not one-hot: both ends would hide a wrong formula
+    torch.testing.assert_close(out.diversity.double(), torch.tensor(expected, dtype=torch.float64),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_diversity_is_positive_when_one_hypothesis_wins_every_sample():
+    centers = torch.tensor([[0, 0], [2, 3], [4, 1]])
+    logits = torch.zeros(3, 4, 5, 5)
+    logits[:, :, 4, 4] = 30.0  # every hypothesis but #2 bets everything on a pixel far from the targets
+    logits[:, 2] = gaussian_heatmap(centers, (5, 5), sigma=1.0).log()
+    out = wta_heatmap_loss(logits, centers, sigma=1.0)
+    assert out.best.tolist() == [2, 2, 2]
+    # usage ~ one-hot: diversity ~ log K (its maximum), far from the 0 of even usage
+    assert out.diversity > 0.99 * math.log(4)
+    _, per = naive_wta(logits, centers, None, 1.0)
+    torch.testing.assert_close(out.diversity.double(), torch.tensor(naive_diversity(per), dtype=torch.float64),
+                               atol=1e-6, rtol=1e-5)
+
+
 def naive_neighborhood(logits, centers, target, w, s, s_c, mask):
     total = 0.0
     for b in range(logits.shape[0]):

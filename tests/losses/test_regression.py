@@ -53,10 +53,45 @@ def test_masked_mse_uses_masked_positions_only():
 
 def test_log2_mse_and_dice_values():
     torch.testing.assert_close(log2_mse(torch.tensor([4.0, 1.0]), torch.tensor([1.0, 2.0])), torch.tensor(2.5))
-    logits = torch.tensor([[[10.0, -10.0, 10.0, -10.0]]])
+    # sigmoid(+-100) is 1 and 0 to float32 precision: the Dice values are exact fractions (eps = 1).
+    logits = torch.tensor([[[100.0, -100.0, 100.0, -100.0]]])
     target = torch.tensor([[[1.0, 0.0, 1.0, 0.0]]])
-    assert dice_loss(logits, target) < 1e-3
-    assert dice_loss(-logits, target) > 0.6
+    torch.testing.assert_close(dice_loss(logits, target), torch.tensor(0.0), atol=1e-7, rtol=0)
+    torch.testing.assert_close(dice_loss(-logits, target), torch.tensor(0.8), atol=1e-7, rtol=0)  # 1 - 1/5
+    # sigmoid(+-10) is not: 1 - (2 * 2 s + 1) / (2 + 2 + 1) with s = sigmoid(10), in float64
+    s = 1 / (1 + math.exp(-10))
+    expected = 1 - (4 * s + 1) / (2 * s + 2 * (1 - s) + 2 + 1)
+    torch.testing.assert_close(dice_loss(logits / 10, target).double(), torch.tensor(expected, dtype=torch.float64),
+                               atol=1e-7, rtol=0)
+
+
+def naive_dice(logits, target, eps=1.0):
+    """1 - mean over (sample, channel) of (2 sum p t + eps) / (sum p + sum t + eps), float64 loops."""
+    ratios = []
+    for b in range(logits.shape[0]):
+        for c in range(logits.shape[1]):
+            p = [1 / (1 + math.exp(-float(v))) for v in logits[b, c].flatten()]
+            t = [float(v) for v in target[b, c].flatten()]
+            ratios.append((2 * sum(a * b for a, b in zip(p, t)) + eps) / (sum(p) + sum(t) + eps))
+    return 1 - sum(ratios) / len(ratios)
+
+
+def test_dice_is_per_sample_and_channel_then_averaged():
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(2, 2, 5, 4, generator=gen)
+    target = torch.zeros(2, 2, 5, 4)
+    target[0, 0, :1, :2] = 1.0  # a small object, predicted well
+    logits[0, 0] = torch.where(target[0, 0] > 0, 4.0, -4.0)
+    logits[0, 1] = -3.0  # an empty slice, predicted empty
+    target[1, 0] = (torch.rand(5, 4, generator=gen) > 0.3).float()  # a large object, random logits
+    target[1, 1, :, :2] = 0.5  # soft labels
+    got = dice_loss(logits, target)
+    expected = naive_dice(logits, target)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+    pooled = naive_dice(logits.transpose(0, 1).reshape(1, 1, -1), target.transpose(0, 1).reshape(1, 1, -1))
+    per_channel_pooled = naive_dice(logits.transpose(0, 1).reshape(1, 2, -1), target.transpose(0, 1).reshape(1, 2, -1))
+    # pooling over the batch (or over everything) weights the large slices more: a clearly different value
+    assert abs(expected - pooled) > 0.05 and abs(expected - per_channel_pooled) > 0.05
 
 
 def test_composite_loss_sums_weighted_terms_and_detaches_logs():
