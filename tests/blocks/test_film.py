@@ -38,10 +38,21 @@ def test_matches_formula_after_random_init(spatial):
 def test_grad_leaves_identity_after_one_step():
     film = FiLM(4, 3)
     x, cond = torch.randn(2, 3, 5, 5), torch.randn(2, 4, requires_grad=True)
-    film(x, cond).pow(2).sum().backward()
-    # zero init must not kill the gradient of the projection (d y / d gamma = x)
+    target = 2 * x + 1  # reachable: gamma = 1, beta = 1
+    (film(x, cond) - target).pow(2).mean().backward()
+    # zero init must not kill the gradient of the projection (d y / d gamma = x, d y / d beta = 1)
     assert film.proj.weight.grad.abs().sum() > 0 and film.proj.bias.grad.abs().sum() > 0
-    assert cond.grad is not None  # zero here (W = 0), but connected
+    assert torch.equal(cond.grad, torch.zeros(2, 4))  # zero here (W = 0), but connected
+    torch.optim.SGD(film.parameters(), lr=0.1).step()
+    assert film.proj.weight.abs().sum() > 0
+    # After one real step the output moved off the identity, and differs between two conds.
+    with torch.no_grad():
+        y = film(x, cond)
+        assert not torch.allclose(y, x)
+        other = film(x, torch.randn(2, 4))
+        assert (other - y).abs().max() > 1e-3
+        torch.testing.assert_close(y, reference(film, x, cond))
+    assert (film(x, cond) - target).pow(2).mean() < (x - target).pow(2).mean()  # and towards the target
 
 
 def test_bf16_autocast_runs():
