@@ -226,7 +226,7 @@ def test_guard_aborts_on_a_streak_and_resets_on_a_good_step():
 
     resumed = NonFiniteGuard(max_consecutive=3)
     resumed.load_state_dict({"consecutive": 2, "total_skipped": 7})
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="3 consecutive steps"):  # 2 restored + this one
         resumed.should_skip(nan)
 
 

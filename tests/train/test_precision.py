@@ -49,6 +49,30 @@ def test_default_precision_is_fp32_on_cpu():
     assert PRECISIONS == ("fp32", "bf16", "fp16")
 
 
+# ---- the CUDA branches, reached on the CPU by patching what torch reports ---------------------
+
+
+@pytest.mark.parametrize(("bf16_supported", "expected"), [(True, "bf16"), (False, "fp16")])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
+def test_default_precision_on_cuda(monkeypatch, bf16_supported, expected, device):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    assert default_precision(device) == expected
+    assert default_precision("cpu") == "fp32"  # the device given decides, not what the machine has
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_make_grad_scaler_without_a_device_follows_cuda_availability(monkeypatch, cuda):
+    built = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: built.append((device, enabled)))
+    expected = "cuda" if cuda else "cpu"
+    for precision in PRECISIONS:
+        make_grad_scaler(precision)
+    make_grad_scaler("fp16", "cpu")  # an explicit device wins over what is available
+    make_grad_scaler("fp16", "cuda:1")
+    assert built == [(expected, False), (expected, False), (expected, True), ("cpu", True), ("cuda", True)]
+
+
 def _setup():
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
@@ -108,7 +132,7 @@ def test_scaler_step_removes_its_hook_even_when_the_step_raises():
     model = nn.Linear(3, 1)
     opt = _Exploding(model.parameters(), lr=0.1)
     model(torch.randn(5, 3)).sum().backward()
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match="boom"):
         scaler_step(make_grad_scaler("fp32", "cpu"), opt)
     assert len(opt._optimizer_step_post_hooks) == 0
 
@@ -119,5 +143,5 @@ def test_fp16_scaler_state_round_trip():
     state["scale"] = 1024.0
     scaler.load_state_dict(state)
     assert scaler.get_scale() == 1024.0
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="state dict is empty"):
         make_grad_scaler("fp16", "cpu").load_state_dict(make_grad_scaler("bf16", "cpu").state_dict())
