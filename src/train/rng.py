@@ -43,6 +43,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     Raises:
         ValueError: when the state was captured with CUDA devices this process does not have.
     """
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) > torch.cuda.device_count():  # before touching anything
+        raise ValueError(f"rng: checkpoint holds CUDA states for {len(cuda)} devices, "
+                         f"this process sees {torch.cuda.device_count()}")
     py = state["python"]
     random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss"]))
     npy = state["numpy"]
@@ -50,13 +54,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
               float(npy["gauss"]))
     np.random.set_state(legacy)  # noqa: NPY002
     torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
-    cuda = state.get("cuda")
     if cuda and not torch.cuda.is_available():
         logger.warning("rng: the checkpoint holds CUDA generator states but CUDA is not available; "
                        "they are not restored")
     elif cuda:
-        if len(cuda) > torch.cuda.device_count():
-            raise ValueError(f"rng: checkpoint holds CUDA states for {len(cuda)} devices, "
-                             f"this process sees {torch.cuda.device_count()}")
         for device, s in enumerate(cuda):
             torch.cuda.set_rng_state(s.to(torch.uint8).cpu(), device)

@@ -25,7 +25,7 @@ def test_fsyncs_an_existing_directory(tmp_path, monkeypatch):
 def test_missing_directory_raises_off_windows(tmp_path):
     if os.name == "nt":
         pytest.skip("Windows never opens the directory")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="absent"):
         fsync_dir(tmp_path / "absent")
 
 
@@ -51,7 +51,7 @@ def test_filesystem_without_directory_fsync_is_tolerated_but_io_errors_raise(tmp
     if tolerated:
         fsync_dir(tmp_path)
     else:
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match=os.strerror(code)) as info:
             fsync_dir(tmp_path)
         assert info.value.errno == code
     assert len(closed) == 1  # the descriptor is closed either way

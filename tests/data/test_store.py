@@ -87,7 +87,7 @@ def test_get_batch_equals_stacked_items_and_rejects_mixed_groups(tmp_path):
             assert torch.equal(batch[name], torch.stack([store[i][name] for i in idx]))
     with pytest.raises(ValueError, match="indices: expected all in group 0"):
         store.get_batch([0, store.groups[1].start])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="indices"):
         store.get_batch([len(store)])
 
 

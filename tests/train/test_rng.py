@@ -47,9 +47,12 @@ def test_cuda_states_for_more_devices_than_this_process_sees_is_a_value_error(mo
     fake_cuda(monkeypatch, count=2)
     state = capture_rng_state()
     _, set_calls = fake_cuda(monkeypatch, count=1)
+    torch.rand(3)  # move the CPU stream away from the captured state
+    after = torch.get_rng_state()
     with pytest.raises(ValueError, match="CUDA states for 2 devices, this process sees 1"):
         restore_rng_state(state)
     assert set_calls == []  # no device was half restored
+    assert torch.equal(torch.get_rng_state(), after)  # nor the CPU generators: checked before anything
 
 
 def test_cuda_states_without_cuda_warn_and_restore_the_rest(monkeypatch, caplog):
