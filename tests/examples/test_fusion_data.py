@@ -11,7 +11,7 @@ from fusion.encoding import HISTORY, crossing_map, flip_sample, state_channels
 from fusion.env import FusionEnv
 from fusion.grid import count_crossings
 from fusion.ops import Op
-from fusion.teacher import replay
+from fusion.teacher import env_from_record, replay
 
 from blockyard.data import GroupedStore, layer_index
 
@@ -84,7 +84,10 @@ def test_stores_have_the_contract_fields_and_dtypes(smoke):
     assert (smoke[0] / "build.json").exists()
 
 
-def test_replay_reproduces_final_crossings_and_the_stored_samples(smoke):
+def test_replay_reaches_the_recorded_crossings_and_the_stored_samples_are_its_improving_ops(smoke):
+    """The stored samples of a trajectory are, in order, its ops that lower the crossings, each with the world
+    before it, derived here without the builder's code: the test applies the record's ops to a FusionEnv itself
+    and decodes every stored state with its own decoder (``env_from_state``)."""
     _, _, records, _, _ = smoke
     samples = {k: v for split in unique_rows(smoke).values() for k, v in by_trajectory(split).items()}
     assert len(records) == 24 and {r["zone_pattern"] for r in records} == {"left_right", "stripes", "voronoi",
@@ -94,13 +97,25 @@ def test_replay_reproduces_final_crossings_and_the_stored_samples(smoke):
         assert result.crossings[0] == rec["initial_crossings"]
         assert result.crossings[-1] == rec["final_crossings"] == count_crossings(result.env.H, result.env.V,
                                                                                    result.env.zones)
-        improving = sum(b < a for a, b in zip(result.crossings[:-1], result.crossings[1:]))
+        env = env_from_record(rec)
+        zones = np.unique(env.zones, return_inverse=True)[1].reshape(env.zones.shape)  # labels as decoded
+        improving = []  # (op, H before, V before, crossings before, crossings after)
+        for op_record in rec["sequence_ops"]:
+            op, H, V, before = Op.from_record(op_record), env.H.copy(), env.V.copy(), env.crossings
+            assert env.apply(op).ok
+            if env.crossings < before:
+                improving.append((op, H, V, before, env.crossings))
         stored = samples.get(rec["run_id"], [])
-        assert len(stored) == improving
-        fresh = trajectory_samples(rec)  # the builder's own replay, recomputed here
-        for j, s in enumerate(stored):
-            for k in ("state", "target", "history", "history_len", "crossings"):
-                np.testing.assert_array_equal(s[k], fresh[k][j])
+        assert len(stored) == len(improving) == sum(b < a for a, b in zip(result.crossings, result.crossings[1:]))
+        for j, (s, (op, H, V, before, _)) in enumerate(zip(stored, improving)):
+            world = env_from_state(s["state"], check=False)
+            np.testing.assert_array_equal(world.zones, zones)
+            np.testing.assert_array_equal(world.H, H)
+            np.testing.assert_array_equal(world.V, V)
+            assert target_op(s["target"]) == op and s["crossings"] == before
+            past = [(o.variant, o.y, o.x, b, a) for o, _, _, b, a in improving[max(0, j - HISTORY):j]]
+            assert s["history_len"] == len(past) and not s["history"][len(past):].any()
+            np.testing.assert_array_equal(s["history"][:len(past)], np.asarray(past, np.float32).reshape(-1, 5))
             assert s["initial_crossings"] == rec["initial_crossings"] and s["zone_pattern"] == rec["zone_pattern"]
     assert sum(r["initial_crossings"] - r["final_crossings"] for r in records) > 0
 
@@ -247,7 +262,7 @@ def test_unfinished_builds_are_rebuilt_and_finished_ones_never_silently_overwrit
         raise RuntimeError("killed before the summary")
 
     monkeypatch.setattr(bd, "_summary", crash)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="killed before the summary"):
         build_dataset(out, workers=1, seed=1, force=True, verbose=False, **TINY)
     assert not (out / "build.json").exists()  # a crashed rebuild is never mistaken for a finished one
     monkeypatch.undo()

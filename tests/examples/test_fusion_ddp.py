@@ -28,6 +28,7 @@ from run_contract import (
     run,
     snapshot,
 )
+from safetensors.torch import load_file
 from torchrun_helpers import read_metrics
 
 from blockyard.data import BucketBatchSampler, GroupedStore
@@ -137,9 +138,11 @@ def test_two_process_gloo_smoke_run(finished_run, smoke_data):
         assert 0.0 <= r["pos_acc_top1"] <= r["pos_acc_top5"] <= 1.0
         assert r["pos_acc_top1"] <= r["oracle_acc_top1"] + 1e-12
         assert r["skipped_steps"] == 0
-    # it learned: with the optimizer step a no-op both epochs' validation losses are equal
-    assert records[1]["loss"] < records[0]["loss"] - 0.05, records
-    assert records[1]["train_loss"] < records[0]["train_loss"] - 0.2, records
+    # it learned: with the optimizer step a no-op both epochs' validation losses are equal and the training loss
+    # falls by 0.05 (other batches, dropout); trained, over seeds 0-2 they fall by 0.063-0.149 and 0.22-0.43
+    # (the smoke model does not beat its accuracy baselines within 2 epochs on every seed, so no check of those)
+    assert records[1]["loss"] < records[0]["loss"] - 0.03, records
+    assert records[1]["train_loss"] < records[0]["train_loss"] - 0.12, records
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["per_rank_batch"] == 16
     assert [c["stage"] for c in summary["criteria"]] == [1, 2, 3, 4]
@@ -149,6 +152,27 @@ def test_two_process_gloo_smoke_run(finished_run, smoke_data):
     assert saved["status"] == "finished"
     assert saved["config"]["batch_size"] == 32 and saved["config"]["widths"] == [8, 8, 8, 8]  # global = 16 x 2
     assert (out / "curves.png").stat().st_size > 0 and (out / "heatmaps.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ema_accumulation_and_channels_last_smoke_run_learns_and_checkpoints_distinct_ema_weights(smoke_data, tmp_path):
+    """``--ema 0.9 --accum 2 --channels-last 1``: 2 micro-batches per optimizer step (19 per epoch -> 10 steps, the
+    last one alone), validation on the EMA weights, which the checkpoint holds apart from the raw weights."""
+    out = tmp_path / "run"
+    code, text = run(SCRIPT, out, "--data", str(smoke_data), "--ema", "0.9", "--accum", "2", "--channels-last", "1")
+    assert code == 0, text[-3000:]
+    assert "channels_last=True" in text
+    records = read_metrics(out / "metrics.jsonl")
+    assert [(r["epoch"], r["opt_step"], r["skipped_steps"]) for r in records] == [(1, 10, 0), (2, 20, 0)]
+    # the EMA model's validation loss fell: 0.065-0.082 over seeds 0-2; with a no-op optimizer step it stays equal
+    assert records[1]["loss"] < records[0]["loss"] - 0.03, records
+    newest = sorted((out / "checkpoints").glob("step_*"))[-1]
+    raw, ema = load_file(newest / "model.safetensors"), load_file(newest / "ema.safetensors")
+    assert set(ema) == {f"module.{k}" for k in raw}
+    # every tensor of the EMA lags the raw weights (a no-op step, or an EMA that copies the weights, leaves all equal)
+    assert not [k for k in raw if torch.equal(raw[k], ema[f"module.{k}"])]
+    assert json.loads((out / "summary.json").read_text())["best_epoch"] == 2
 
 
 @pytest.mark.slow

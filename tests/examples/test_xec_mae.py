@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import run_contract as contract
 import torch
+from gradients import leave_identity_init, without_gradient
 from torchrun_helpers import read_metrics, run_example
 from xec.batches import Classical, Split, resolution
 from xec.events import generate
@@ -50,23 +51,27 @@ def test_sensor_inputs_zero_invalid_times_and_flag_them(world):
         sensor_inputs(events.npho[:, :10], events.time, events.time_mask)
 
 
-def test_regressor_and_mae_shapes_and_gradients(world, one_thread):
+def test_regressor_and_mae_shapes_and_every_parameter_gets_a_gradient(world, one_thread):
+    """Off the identity-at-init state (whose zero-init branches block the gradient upstream of them on step one),
+    every parameter of the regressor, and every parameter of the MAE, gets a gradient from its own loss alone."""
     geometry, events, x = world
     torch.manual_seed(0)
     encoder = XECEncoder(geometry, **TINY)
     reg = XECRegressor(encoder)
+    mae = XECMAE(encoder, geometry)  # shares the encoder
+    leave_identity_init(mae)
+    leave_identity_init(reg)
     dead = events.dead.expand(4, -1)
     out = reg(x, dead)
     assert out.shape == (4, 5) and torch.isfinite(out).all()
     out.square().mean().backward()
-    mae = XECMAE(encoder, geometry)
+    assert without_gradient(reg) == set()
+    mae.zero_grad(set_to_none=True)
     hidden = random_mask(4, 4760, 0.6, valid=~dead, generator=torch.Generator().manual_seed(1))
     result = mae(x, hidden | dead)
     assert result.recon.shape == (4, 4760) and result.tokens.shape == (4, 7, 16)
     mae_loss(result.recon, x[:, 0], hidden).backward()
-    grads = [p.grad for p in mae.parameters()]
-    # identity-at-init residual branches give only their last layer a gradient on step one, so not all
-    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= len(grads) // 2
+    assert without_gradient(mae) == set()
     with pytest.raises(ValueError, match="x: expected"):
         reg(x[:, :2], dead)
     with pytest.raises(ValueError, match="mask: expected bool"):
@@ -148,14 +153,25 @@ def ddp_run(tmp_path_factory):
     return out, run_example(SCRIPT, out, timeout=TIMEOUT)
 
 
-def assert_learned(out: Path, drop: float = 0.05) -> None:
-    """Every stage's validation loss fell by ``drop`` from epoch 1 to 2 (fixed validation events and masks: with
-    a no-op optimizer step it stays equal), and the regressors beat the standardised training mean (MSE ~1)."""
+def assert_learned(out: Path, drop: float, baseline: float | None = None) -> None:
+    """Every stage's validation loss fell by the fraction ``drop`` from epoch 1 to 2 (fixed validation events and
+    masks: with a no-op optimizer step it stays equal); with ``baseline``, both regressors beat the summary's own
+    "train mean" predictor on the test events: their squared error relative to its, averaged over the 5 targets,
+    is below ``baseline``.
+
+    Measured over seeds 0-2 with the default flags: validation-loss ratios 0.81-0.95 and baseline ratios
+    0.82-0.93, against 1.0 and 1.11-1.12 with a no-op optimizer step; with fp16 and --accum 2 (2 steps an epoch)
+    validation-loss ratios 0.79-0.95, while the baseline ratio reaches 1.00.
+    """
     for stage in STAGES:
         first, last = (r["val_loss"] for r in read_metrics(out / stage / "metrics.jsonl"))
         assert last < (1 - drop) * first, (stage, first, last)
-    for stage in ("finetune", "scratch"):
-        assert read_metrics(out / stage / "metrics.jsonl")[-1]["val_loss"] < 0.9, stage
+    if baseline is not None:
+        results = json.loads((out / "summary.json").read_text())["results"]
+        mean = results["train mean"]
+        for name in ("finetune", "scratch"):
+            ratio = sum((results[name][t]["rmse"] / mean[t]["rmse"]) ** 2 for t in mean) / len(mean)
+            assert ratio < baseline, (name, ratio, results[name], mean)
 
 
 @pytest.mark.slow
@@ -174,7 +190,7 @@ def test_two_process_smoke_run_pretrains_finetunes_learns_and_reports(ddp_run):
         assert records[-1]["opt_step"] == 8  # 32 events / 8 per step = 4 steps, 2 epochs
         assert (out / stage / "checkpoints").is_dir()
     assert "val_sensor_mean_mse" in read_metrics(out / "pretrain" / "metrics.jsonl")[0]
-    assert_learned(out)
+    assert_learned(out, drop=0.03, baseline=0.97)
     assert "test resolution" in proc.stdout and "energy [MeV]" in proc.stdout
     assert (out / "predictions.png").stat().st_size > 0
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
