@@ -221,7 +221,7 @@ class DDPMScheduler(nn.Module):
 
     def ddim_step(self, eps: torch.Tensor, t: int | torch.Tensor, t_prev: int | torch.Tensor, x_t: torch.Tensor,
                   eta: float = 0.0, generator: torch.Generator | None = None, *,
-                  use_clipped_model_output: bool = False) -> DDPMStepOutput:
+                  use_clipped_model_output: bool = True) -> DDPMStepOutput:
         r"""One DDIM step (Song et al. eq. 12) from ``t`` to ``t_prev`` (-1 = the clean sample).
 
         .. math::
@@ -231,11 +231,14 @@ class DDPMScheduler(nn.Module):
 
         with :math:`\hat x_0` the (clipped, when ``clip_sample``) prediction of :meth:`step` and
         :math:`\bar\alpha_{-1} = 1` (diffusers' ``set_alpha_to_one=True``). ``eta=0`` is
-        deterministic and differentiable. The direction term uses the model's ``eps`` as given
-        (:math:`\hat\epsilon = \epsilon`), diffusers' ``DDIMScheduler.step`` default; with
-        ``use_clipped_model_output=True`` it is re-derived from the clipped prediction,
-        :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1-\bar\alpha_t}`, as diffusers does
-        with the same keyword (GLIDE's choice). The two differ only where the clip was active.
+        deterministic and differentiable. By default (``use_clipped_model_output=True``, GLIDE's
+        choice) the direction term is re-derived from the clipped prediction,
+        :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1-\bar\alpha_t}`, as diffusers
+        does with the same keyword; with ``False`` it uses the model's ``eps`` as given
+        (:math:`\hat\epsilon = \epsilon`), diffusers' ``DDIMScheduler.step`` default, bit for bit. The two
+        differ only where the clip was active, which under classifier-free guidance is often: on
+        benchmarks/diffusion_peer.py's 8x8 digits (cosine schedule, guidance scale 3) the samples a
+        classifier recognises were 0.975 with the default and 0.65 with ``False``.
         """
         self._check_pair(eps, "eps", x_t, "x_t")
         if eta < 0:
@@ -266,7 +269,7 @@ class DDPMScheduler(nn.Module):
 
     def sample(self, model: Callable[..., torch.Tensor], shape: Sequence[int], steps: int | None = None,
                eta: float = 0.0, generator: torch.Generator | None = None, device=None, dtype=None,
-               enable_grad: bool = False, use_clipped_model_output: bool = False, **cond) -> torch.Tensor:
+               enable_grad: bool = False, use_clipped_model_output: bool = True, **cond) -> torch.Tensor:
         """Generate from pure noise: ancestral DDPM over all ``T`` steps, or DDIM over ``steps``.
 
         ``model(x_t, t, **cond)`` must return the predicted noise, shaped like ``x_t``; ``t`` is a

@@ -227,10 +227,11 @@ def test_ddim_step_model_output_as_diffusers(use_clipped, eta):
     prev, want_x0 = ref_ddim(eps, t, t_prev, x_t, z, s.alphas_cumprod.double(), eta, use_clipped)
     torch.testing.assert_close(got.pred_original_sample, want_x0, rtol=0, atol=1e-12)
     torch.testing.assert_close(got.prev_sample, prev, rtol=0, atol=1e-12)
-    # the default is diffusers' default (False), and the two variants differ exactly where x0 was clipped
+    # the default re-derives eps from the clipped x0 (GLIDE; diffusers' keyword set to True), and the
+    # two variants differ exactly where x0 was clipped
     default = s.ddim_step(eps, t, t_prev, x_t, eta=eta, generator=gen(7)).prev_sample
     other = s.ddim_step(eps, t, t_prev, x_t, eta=eta, generator=gen(7), use_clipped_model_output=not use_clipped)
-    torch.testing.assert_close(default, prev if not use_clipped else other.prev_sample, rtol=0, atol=0)
+    torch.testing.assert_close(default, prev if use_clipped else other.prev_sample, rtol=0, atol=0)
     clipped = x0.abs() > 1
     assert clipped.any() and (~clipped).any()
     torch.testing.assert_close(got.prev_sample[~clipped], other.prev_sample[~clipped], rtol=0, atol=1e-12)
