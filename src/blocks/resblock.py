@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._checks import check_float_input, positive_int
+from .film import FiLM
 from .norm import group_norm
 
 __all__ = ["ResBlock"]
@@ -27,18 +28,23 @@ class ResBlock(nn.Module):
     The convolutions carry no bias because a norm follows each. With the defaults and
     ``act_layer=partial(nn.LeakyReLU, 0.01)`` this is FusionNet's ``ResBlock``.
 
+    With ``cond_dim`` set, a :class:`~blockyard.blocks.FiLM` of ``cond`` scales and shifts the first
+    normalised map, :math:`\sigma(\mathrm{FiLM}(N_1(W_1 * x), c))` (ADM's "scale-shift norm", Dhariwal &
+    Nichol 2021, inside the block); it starts as the identity.
+
     Args:
         in_channels: input channels ``C_in``.
         out_channels: output channels ``C_out`` (default ``C_in``).
+        cond_dim: size of the conditioning vector ``cond``, or ``None`` (no conditioning).
         act_layer: activation constructor, called with no arguments.
         norm_layer: norm constructor, called as ``norm_layer(channels, device=..., dtype=...)``.
 
     Shapes:
-        - x: ``(B, C_in, H, W)``
+        - x: ``(B, C_in, H, W)``; cond: ``(B, cond_dim)``
         - output: ``(B, C_out, H, W)``
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None,
+    def __init__(self, in_channels: int, out_channels: int | None = None, cond_dim: int | None = None,
                  act_layer: Callable[[], nn.Module] = nn.SiLU,
                  norm_layer: Callable[..., nn.Module] = group_norm,
                  device=None, dtype=None) -> None:
@@ -50,6 +56,7 @@ class ResBlock(nn.Module):
         self.out_channels = out_channels
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False, **dd)
         self.norm1 = norm_layer(out_channels, **dd)
+        self.film = FiLM(cond_dim, out_channels, **dd) if cond_dim is not None else None
         self.act1 = act_layer()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False, **dd)
         self.norm2 = norm_layer(out_channels, **dd)
@@ -57,11 +64,16 @@ class ResBlock(nn.Module):
         self.skip = (nn.Identity() if in_channels == out_channels
                      else nn.Conv2d(in_channels, out_channels, 1, bias=False, **dd))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if (cond is None) != (self.film is None):
+            raise ValueError(f"cond: expected {'a (B, cond_dim) tensor' if self.film is not None else 'None'} "
+                             f"since cond_dim={None if self.film is None else self.film.cond_dim}, "
+                             f"got {'None' if cond is None else tuple(cond.shape)}")
         check_float_input(x, "x", self.conv1.weight.dtype)
-        h = self.act1(self.norm1(self.conv1(x)))
+        h = self.norm1(self.conv1(x))
+        h = self.act1(self.film(h, cond) if self.film is not None else h)
         h = self.norm2(self.conv2(h))
         return self.act2(self.skip(x) + h)
 

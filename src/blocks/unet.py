@@ -81,21 +81,39 @@ class _Stem(nn.Sequential):
                          norm_layer(out_channels, **dd), act_layer())
 
 
+_TIME_CONDITIONING = ("film", "scale_shift")
+
+
 class _Level(nn.Module):
-    """What every level ends with: residual block, then FiLM(cond), then cross-attention(context)."""
+    """What every level ends with: residual block(s), then FiLM(cond), then cross-attention(context).
+
+    ``time_conditioning="scale_shift"`` moves ``cond`` inside every residual block (no FiLM after).
+    """
 
     def _init_tail(self, channels: int, cond_dim: int | None, context_dim: int | None, heads: int,
-                   act_layer, norm_layer, dd, film_bias: bool = True) -> None:
+                   act_layer, norm_layer, dd, film_bias: bool = True, time_conditioning: str = "film",
+                   blocks: int = 1) -> None:
+        if time_conditioning not in _TIME_CONDITIONING:
+            raise ValueError(f"time_conditioning: expected one of {_TIME_CONDITIONING}, got {time_conditioning!r}")
+        blocks = positive_int("blocks_per_level", blocks)
         self.cond_dim = cond_dim
         self.context_dim = context_dim
-        self.block = ResBlock(channels, act_layer=act_layer, norm_layer=norm_layer, **dd)
-        self.film = FiLM(cond_dim, channels, bias=film_bias, **dd) if cond_dim is not None else None
+        inner = cond_dim if time_conditioning == "scale_shift" else None
+        kw = {"cond_dim": inner, "act_layer": act_layer, "norm_layer": norm_layer, **dd}
+        self.block = ResBlock(channels, **kw)
+        # more blocks in their own list, so a one-block level keeps its state-dict names
+        self.more_blocks = nn.ModuleList(ResBlock(channels, **kw) for _ in range(blocks - 1))
+        self.film = (FiLM(cond_dim, channels, bias=film_bias, **dd)
+                     if cond_dim is not None and inner is None else None)
         self.cross_attn = (_MapCrossAttention(channels, context_dim, heads, **dd)
                            if context_dim is not None else None)
 
     def _tail(self, h: torch.Tensor, cond: torch.Tensor | None, context: torch.Tensor | None,
               context_mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.block(h)
+        inner = cond if self.block.film is not None else None
+        h = self.block(h, inner)
+        for block in self.more_blocks:
+            h = block(h, inner)
         if self.film is not None:
             h = self.film(h, cond)
         if self.cross_attn is not None:
@@ -119,6 +137,10 @@ class EncoderLevel(_Level):
         downsample: halve H and W with a 2x2 max-pool first (H and W must then be even).
         cond_dim: size of the FiLM conditioning vector, or ``None`` for no FiLM.
         film_bias: give FiLM a bias; ``False`` keeps a zero ``cond`` the identity throughout training.
+        time_conditioning: ``"film"`` (a FiLM of ``cond`` after the residual blocks) or
+            ``"scale_shift"`` (a FiLM of ``cond`` inside every residual block, after its first norm,
+            as ADM and diffusers do with the timestep).
+        blocks: residual blocks in the level.
         context_dim: feature size of the cross-attention context, or ``None`` for none.
         heads: cross-attention heads (must divide ``C_out``).
         act_layer, norm_layer: as in :class:`~blockyard.blocks.ResBlock`.
@@ -131,7 +153,7 @@ class EncoderLevel(_Level):
 
     def __init__(self, in_channels: int, out_channels: int, downsample: bool = True,
                  cond_dim: int | None = None, context_dim: int | None = None, heads: int = 4,
-                 film_bias: bool = True,
+                 film_bias: bool = True, time_conditioning: str = "film", blocks: int = 1,
                  act_layer: Callable[[], nn.Module] = nn.SiLU,
                  norm_layer: Callable[..., nn.Module] = group_norm, device=None, dtype=None) -> None:
         super().__init__()
@@ -140,7 +162,8 @@ class EncoderLevel(_Level):
         self.in_channels, self.out_channels, self.downsample = in_channels, out_channels, downsample
         self.pool = nn.MaxPool2d(2) if downsample else nn.Identity()
         self.stem = _Stem(in_channels, out_channels, act_layer, norm_layer, dd)
-        self._init_tail(out_channels, cond_dim, context_dim, heads, act_layer, norm_layer, dd, film_bias)
+        self._init_tail(out_channels, cond_dim, context_dim, heads, act_layer, norm_layer, dd, film_bias,
+                        time_conditioning, blocks)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,7 +195,8 @@ class DecoderLevel(_Level):
         in_channels: channels ``C_in`` of the coarser input ``x``.
         skip_channels: channels ``C_s`` of the skip connection.
         out_channels: output channels ``C_out``.
-        cond_dim, context_dim, heads, act_layer, norm_layer: as in :class:`EncoderLevel`.
+        cond_dim, context_dim, heads, film_bias, time_conditioning, blocks, act_layer, norm_layer: as in
+            :class:`EncoderLevel`.
         upsample_mode: ``F.interpolate`` mode; ``"bilinear"`` uses ``align_corners=True`` as FusionNet.
 
     Shapes:
@@ -183,7 +207,7 @@ class DecoderLevel(_Level):
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int,
                  cond_dim: int | None = None, context_dim: int | None = None, heads: int = 4,
-                 film_bias: bool = True,
+                 film_bias: bool = True, time_conditioning: str = "film", blocks: int = 1,
                  act_layer: Callable[[], nn.Module] = nn.SiLU,
                  norm_layer: Callable[..., nn.Module] = group_norm, upsample_mode: str = "bilinear",
                  device=None, dtype=None) -> None:
@@ -197,7 +221,8 @@ class DecoderLevel(_Level):
         self.proj_skip = nn.Conv2d(skip_channels, out_channels, 1, bias=False, **dd)
         self.norm = norm_layer(out_channels, **dd)
         self.act = act_layer()
-        self._init_tail(out_channels, cond_dim, context_dim, heads, act_layer, norm_layer, dd, film_bias)
+        self._init_tail(out_channels, cond_dim, context_dim, heads, act_layer, norm_layer, dd, film_bias,
+                        time_conditioning, blocks)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, cond: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,7 +255,8 @@ class UNet(nn.Module):
     ``i < L - 1`` is a :class:`DecoderLevel` from level ``i + 1`` with encoder level ``i`` as skip.
     A 1x1 convolution maps the last decoder map (``widths[0]`` channels) to ``out_channels``.
 
-    - FiLM from ``cond`` ends every encoder and decoder level (``2L - 1`` of them), identity at init.
+    - FiLM from ``cond`` ends every encoder and decoder level (``2L - 1`` of them), identity at init;
+      with ``time_conditioning="scale_shift"`` it sits inside every residual block instead.
     - Cross-attention to ``context`` ends the levels at the ``context_levels`` lowest resolutions
       (encoder and decoder), pre-norm, residual, zero-initialised output projection.
     - H and W are zero-padded (bottom, right) to a multiple of ``2**(L - 1)`` and the output is
@@ -252,6 +278,9 @@ class UNet(nn.Module):
         heads: heads of the cross- and self-attention (must divide the widths they act on).
         context_levels: how many of the lowest resolutions get cross-attention.
         dropout: ``Dropout2d`` probability after the bottleneck residual block (FusionNet: 0.15).
+        time_conditioning: where ``cond`` enters: ``"film"`` after each level's residual blocks, or
+            ``"scale_shift"`` inside every residual block (the bottleneck's too), after its first norm.
+        blocks_per_level: residual blocks in each encoder and decoder level.
         act_layer, norm_layer: as in :class:`~blockyard.blocks.ResBlock`.
         upsample_mode: as in :class:`DecoderLevel`.
 
@@ -267,7 +296,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None,
                  widths: tuple[int, ...] | list[int] = (32, 64, 128, 256), cond_dim: int | None = None,
                  context_dim: int | None = None, attention: bool = False, heads: int = 4, *,
-                 context_levels: int = 2, dropout: float = 0.0,
+                 context_levels: int = 2, dropout: float = 0.0, time_conditioning: str = "film",
+                 blocks_per_level: int = 1,
                  act_layer: Callable[[], nn.Module] = nn.SiLU,
                  norm_layer: Callable[..., nn.Module] = group_norm, upsample_mode: str = "bilinear",
                  device=None, dtype=None) -> None:
@@ -291,7 +321,8 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels, self.widths = in_channels, out_channels, widths
         self.cond_dim, self.context_dim = cond_dim, context_dim
         self.multiple = 2 ** (levels - 1)
-        kw = {"cond_dim": cond_dim, "heads": heads, "act_layer": act_layer, "norm_layer": norm_layer, **dd}
+        kw = {"cond_dim": cond_dim, "heads": heads, "act_layer": act_layer, "norm_layer": norm_layer,
+              "time_conditioning": time_conditioning, "blocks": blocks_per_level, **dd}
 
         def ctx(i: int) -> int | None:
             return context_dim if i >= levels - context_levels else None
@@ -299,7 +330,8 @@ class UNet(nn.Module):
         self.encoders = nn.ModuleList(
             EncoderLevel(in_channels if i == 0 else widths[i - 1], widths[i], downsample=i > 0,
                          context_dim=ctx(i), **kw) for i in range(levels))
-        self.mid = ResBlock(widths[-1], act_layer=act_layer, norm_layer=norm_layer, **dd)
+        self.mid = ResBlock(widths[-1], cond_dim=cond_dim if time_conditioning == "scale_shift" else None,
+                            act_layer=act_layer, norm_layer=norm_layer, **dd)
         self.mid_drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.mid_attn = BottleneckAttention(widths[-1], heads=heads, **dd) if attention else nn.Identity()
         self.decoders = nn.ModuleList(
@@ -323,7 +355,8 @@ class UNet(nn.Module):
         for level in self.encoders:
             h = level(h, cond, *((context, context_mask) if level.context_dim is not None else ()))
             skips.append(h)
-        h = self.mid_attn(self.mid_drop(self.mid(skips.pop())))
+        h = self.mid(skips.pop(), cond if self.mid.film is not None else None)
+        h = self.mid_attn(self.mid_drop(h))
         for level in self.decoders:
             h = level(h, skips.pop(), cond, *((context, context_mask) if level.context_dim is not None else ()))
         return h

@@ -1,0 +1,195 @@
+"""The U-Net as a class-conditional diffusion backbone: blockyard vs diffusers, same budget, one run.
+
+A class-conditional DDPM on scikit-learn's 8x8 grey digits (1,797 images, 80% train): T=1000
+cosine schedule, epsilon prediction, the label dropped to a null token 10% of the time (for
+classifier-free guidance), AdamW with one-cycle, DDIM with 50 steps. Every network sees the same
+data, batch order, noise, timesteps and sampler noise. Samples are judged by a logistic
+regression fitted on the real training images: the score is the fraction of samples classified
+as the label they were generated for; the same classifier's accuracy on held-out real images is
+the ceiling.
+
+Networks (``--nets``, comma-separated, trained in turn):
+
+- ``peer``: diffusers ``UNet2DConditionModel`` (block_out_channels 16,32,32, one layer per block,
+  cross-attention down and up blocks; the label as one context token).
+- ``ours``: blockyard ``UNet`` (widths 32,64,64), the timestep through an MLP on
+  ``timestep_embedding`` as ``cond``, the label as one context token (``context_dim``).
+- ``ours:key=value,...`` variants, e.g. ``ours:context_levels=3``; ``label=cond`` adds the label
+  embedding to the timestep vector instead of (or with ``label=both``, as well as) the context.
+
+diffusers and scikit-learn come from a separate virtualenv, never from blockyard's dependencies::
+
+    python -m venv --system-site-packages /tmp/peer && /tmp/peer/bin/pip install diffusers scikit-learn
+    /tmp/peer/bin/python benchmarks/diffusion_peer.py --nets peer,ours --steps 3000
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from torch import nn
+
+from blockyard.blocks import MLP, DDPMScheduler, UNet, count_parameters, timestep_embedding
+from blockyard.train import Stepper, one_cycle
+
+NULL = 10  # the dropped label's index
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nets", default="peer,ours")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3, help="one-cycle peak")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--samples", type=int, default=100, help="samples per class and guidance scale")
+    p.add_argument("--scales", default="1,3", help="guidance scales")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+def load_digits_split(seed: int = 0):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_train = int(0.8 * len(y))
+    tr, te = order[:n_train], order[n_train:]
+    return x[tr, None], y[tr], x[te, None], y[te]
+
+
+def fit_judge(x_train: torch.Tensor, y_train: torch.Tensor):
+    from sklearn.linear_model import LogisticRegression
+
+    judge = LogisticRegression(max_iter=5000)
+    judge.fit(x_train.flatten(1).numpy(), y_train.numpy())
+    return judge
+
+
+def judge_accuracy(judge, x: torch.Tensor, y: torch.Tensor) -> float:
+    pred = judge.predict(x.clamp(-1, 1).flatten(1).numpy())
+    return float((torch.from_numpy(pred) == y).double().mean())
+
+
+class OursDenoiser(nn.Module):
+    """blockyard UNet with the timestep as FiLM ``cond`` and the label as a context token (or in ``cond``)."""
+
+    def __init__(self, widths=(32, 64, 64), label: str = "context", **unet_kw) -> None:
+        super().__init__()
+        if label not in ("context", "cond", "both"):
+            raise ValueError(f"label: expected 'context', 'cond' or 'both', got {label!r}")
+        self.label_mode, self.tdim = label, widths[0]
+        cond_dim = 4 * widths[0]
+        self.time = MLP(widths[0], hidden=(cond_dim,), out_dim=cond_dim)
+        ctx = widths[-1]
+        self.label = nn.Embedding(NULL + 1, cond_dim if label == "cond" else ctx)
+        self.label_cond = nn.Embedding(NULL + 1, cond_dim) if label == "both" else None
+        self.unet = UNet(1, 1, widths, cond_dim=cond_dim, context_dim=None if label == "cond" else ctx, **unet_kw)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cond = self.time(timestep_embedding(t, self.tdim))
+        if self.label_mode == "cond":
+            return self.unet(x, cond + self.label(y))
+        if self.label_cond is not None:
+            cond = cond + self.label_cond(y)
+        return self.unet(x, cond, self.label(y)[:, None])
+
+
+class PeerDenoiser(nn.Module):
+    """diffusers UNet2DConditionModel with the label as one context token."""
+
+    def __init__(self, widths=(16, 32, 32), ctx: int = 64) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.label = nn.Embedding(NULL + 1, ctx)
+        self.unet = UNet2DConditionModel(
+            sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=widths,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=ctx, attention_head_dim=8, norm_num_groups=8)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=self.label(y)[:, None]).sample
+
+
+def build(spec: str) -> nn.Module:
+    if spec == "peer":
+        return PeerDenoiser()
+    name, _, opts = spec.partition(":")
+    if name != "ours":
+        raise ValueError(f"--nets: expected 'peer', 'ours' or 'ours:key=value,...', got {spec!r}")
+    kw = {}
+    for item in filter(None, opts.split(",")):
+        key, value = item.split("=")
+        kw[key] = value if not value.lstrip("-").replace(".", "").isdigit() else (
+            float(value) if "." in value else int(value))
+    return OursDenoiser(**kw)
+
+
+def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, sched: DDPMScheduler, args, seed: int) -> float:
+    """Train with the same batches, noise, timesteps and label drops for every network; return seconds."""
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    stepper = Stepper(net, opt, clip_value=1.0, schedule=lambda s: one_cycle(s, args.steps, args.lr))
+    g = torch.Generator().manual_seed(1000 + seed)
+    net.train()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        rows = torch.randint(0, len(y), (args.batch_size,), generator=g)
+        x0, labels = x[rows], y[rows].clone()
+        labels[torch.rand(args.batch_size, generator=g) < 0.1] = NULL
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.num_steps, (args.batch_size,), generator=g)
+        with stepper.micro_batch(0):
+            loss = (net(sched.add_noise(x0, noise, t), t, labels) - noise).square().mean()
+            stepper.backward(loss)
+        stepper.step()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def sample(net: nn.Module, sched: DDPMScheduler, labels: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+    net.eval()
+
+    def guided(x_t, t, y):
+        if scale == 1.0:
+            return net(x_t, t, y)
+        eps = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)]))
+        cond, uncond = eps.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return sched.sample(guided, (len(labels), 1, 8, 8), steps=50, generator=torch.Generator().manual_seed(seed),
+                        y=labels)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    x_tr, y_tr, x_te, y_te = load_digits_split()
+    judge = fit_judge(x_tr, y_tr)
+    ceiling = judge_accuracy(judge, x_te, y_te)
+    sched = DDPMScheduler(1000, schedule="squaredcos_cap_v2")
+    scales = [float(s) for s in args.scales.split(",")]
+    labels = torch.arange(10).repeat_interleave(args.samples)
+    print(f"8x8 digits: {len(y_tr)} train, {len(y_te)} held out; judge accuracy on held-out real images "
+          f"(the ceiling) {ceiling:.3f}; {args.steps} steps of batch {args.batch_size}, {len(labels)} samples "
+          f"per scale, DDIM 50")
+    header = f"{'network':<44}{'params':>9}" + "".join(f"{'scale ' + str(s):>11}" for s in scales) + \
+        f"{'train s':>9}{'ms/step':>9}"
+    print(header + "\n" + "-" * len(header), flush=True)
+    for spec in args.nets.split(";" if ";" in args.nets else ","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            torch.manual_seed(seed)
+            net = build(spec)
+            seconds = train(net, x_tr, y_tr, sched, args, seed)
+            accs = [judge_accuracy(judge, sample(net, sched, labels, s, seed), labels) for s in scales]
+            print(f"{spec + f' (seed {seed})':<44}{count_parameters(net):>9,}" + "".join(f"{a:>11.3f}" for a in accs)
+                  + f"{seconds:>9.0f}{1e3 * seconds / args.steps:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
