@@ -25,7 +25,6 @@ diffusers and scikit-learn come from a separate virtualenv, never from blockyard
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
