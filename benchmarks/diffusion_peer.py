@@ -15,7 +15,9 @@ Networks (``--nets``, comma-separated, trained in turn):
 - ``ours``: blockyard ``UNet`` (widths 32,64,64), the timestep through an MLP on
   ``timestep_embedding`` as ``cond``, the label as one context token (``context_dim``).
 - ``ours:key=value,...`` variants, e.g. ``ours:context_levels=3``; ``label=cond`` adds the label
-  embedding to the timestep vector instead of (or with ``label=both``, as well as) the context.
+  embedding to the timestep vector instead of (or with ``label=both``, as well as) the context;
+  ``gates=random`` starts the identity-at-init gates (FiLM, cross-attention output) from torch's
+  default Linear init; ``time_conditioning`` and ``blocks_per_level`` are ``UNet``'s.
 
 diffusers and scikit-learn come from a separate virtualenv, never from blockyard's dependencies::
 
@@ -77,8 +79,10 @@ def judge_accuracy(judge, x: torch.Tensor, y: torch.Tensor) -> float:
 class OursDenoiser(nn.Module):
     """blockyard UNet with the timestep as FiLM ``cond`` and the label as a context token (or in ``cond``)."""
 
-    def __init__(self, widths=(32, 64, 64), label: str = "context", **unet_kw) -> None:
+    def __init__(self, widths=(32, 64, 64), label: str = "context", gates: str = "identity", **unet_kw) -> None:
         super().__init__()
+        if gates not in ("identity", "random"):
+            raise ValueError(f"gates: expected 'identity' or 'random', got {gates!r}")
         if label not in ("context", "cond", "both"):
             raise ValueError(f"label: expected 'context', 'cond' or 'both', got {label!r}")
         self.label_mode, self.tdim = label, widths[0]
@@ -88,6 +92,10 @@ class OursDenoiser(nn.Module):
         self.label = nn.Embedding(NULL + 1, cond_dim if label == "cond" else ctx)
         self.label_cond = nn.Embedding(NULL + 1, cond_dim) if label == "both" else None
         self.unet = UNet(1, 1, widths, cond_dim=cond_dim, context_dim=None if label == "cond" else ctx, **unet_kw)
+        if gates == "random":  # the identity-at-init gates (FiLM, cross-attention output) get torch's Linear init
+            for name, m in self.unet.named_modules():
+                if isinstance(m, nn.Linear) and (name.endswith("film.proj") or name.endswith("attn.proj")):
+                    nn.Linear.reset_parameters(m)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cond = self.time(timestep_embedding(t, self.tdim))

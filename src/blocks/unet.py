@@ -18,6 +18,7 @@ from .attention import BottleneckAttention, CrossAttention
 from .film import FiLM
 from .norm import group_norm
 from .resblock import ResBlock
+from .transformer import TransformerBlock
 
 __all__ = ["DecoderLevel", "EncoderLevel", "UNet"]
 
@@ -73,6 +74,26 @@ class _MapCrossAttention(nn.Module):
         return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
+class _MapTransformer(nn.Module):
+    """A :class:`~blockyard.blocks.TransformerBlock` (self-attention, cross-attention to the context,
+    MLP; identity at init) over a feature map's positions, as diffusers' ``Transformer2DModel``."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, device=None, dtype=None) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"heads: expected a divisor of the level width {channels}, got {heads}")
+        self.block = TransformerBlock(channels, heads=heads, context_dim=context_dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.block(x.permute(0, 2, 3, 1).reshape(b, h * w, c), context, context_mask=context_mask)
+        return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+_CONTEXT_BLOCKS = {"cross_attention": _MapCrossAttention, "transformer": _MapTransformer}
+
+
 class _Stem(nn.Sequential):
     """1x1 conv (no bias) -> norm -> act: FusionNet's channel projection at the start of a level."""
 
@@ -92,7 +113,9 @@ class _Level(nn.Module):
 
     def _init_tail(self, channels: int, cond_dim: int | None, context_dim: int | None, heads: int,
                    act_layer, norm_layer, dd, film_bias: bool = True, time_conditioning: str = "film",
-                   blocks: int = 1) -> None:
+                   blocks: int = 1, context_block: str = "cross_attention") -> None:
+        if context_block not in _CONTEXT_BLOCKS:
+            raise ValueError(f"context_block: expected one of {tuple(_CONTEXT_BLOCKS)}, got {context_block!r}")
         if time_conditioning not in _TIME_CONDITIONING:
             raise ValueError(f"time_conditioning: expected one of {_TIME_CONDITIONING}, got {time_conditioning!r}")
         blocks = positive_int("blocks_per_level", blocks)
@@ -105,7 +128,7 @@ class _Level(nn.Module):
         self.more_blocks = nn.ModuleList(ResBlock(channels, **kw) for _ in range(blocks - 1))
         self.film = (FiLM(cond_dim, channels, bias=film_bias, **dd)
                      if cond_dim is not None and inner is None else None)
-        self.cross_attn = (_MapCrossAttention(channels, context_dim, heads, **dd)
+        self.cross_attn = (_CONTEXT_BLOCKS[context_block](channels, context_dim, heads, **dd)
                            if context_dim is not None else None)
 
     def _tail(self, h: torch.Tensor, cond: torch.Tensor | None, context: torch.Tensor | None,
@@ -142,6 +165,9 @@ class EncoderLevel(_Level):
             as ADM and diffusers do with the timestep).
         blocks: residual blocks in the level.
         context_dim: feature size of the cross-attention context, or ``None`` for none.
+        context_block: ``"cross_attention"`` (pre-norm residual cross-attention) or ``"transformer"``
+            (a :class:`~blockyard.blocks.TransformerBlock`: self-attention, cross-attention and an MLP
+            over the positions, as diffusers' ``Transformer2DModel``); both identity at init.
         heads: cross-attention heads (must divide ``C_out``).
         act_layer, norm_layer: as in :class:`~blockyard.blocks.ResBlock`.
 
@@ -154,6 +180,7 @@ class EncoderLevel(_Level):
     def __init__(self, in_channels: int, out_channels: int, downsample: bool = True,
                  cond_dim: int | None = None, context_dim: int | None = None, heads: int = 4,
                  film_bias: bool = True, time_conditioning: str = "film", blocks: int = 1,
+                 context_block: str = "cross_attention",
                  act_layer: Callable[[], nn.Module] = nn.SiLU,
                  norm_layer: Callable[..., nn.Module] = group_norm, device=None, dtype=None) -> None:
         super().__init__()
@@ -163,7 +190,7 @@ class EncoderLevel(_Level):
         self.pool = nn.MaxPool2d(2) if downsample else nn.Identity()
         self.stem = _Stem(in_channels, out_channels, act_layer, norm_layer, dd)
         self._init_tail(out_channels, cond_dim, context_dim, heads, act_layer, norm_layer, dd, film_bias,
-                        time_conditioning, blocks)
+                        time_conditioning, blocks, context_block)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,8 +222,8 @@ class DecoderLevel(_Level):
         in_channels: channels ``C_in`` of the coarser input ``x``.
         skip_channels: channels ``C_s`` of the skip connection.
         out_channels: output channels ``C_out``.
-        cond_dim, context_dim, heads, film_bias, time_conditioning, blocks, act_layer, norm_layer: as in
-            :class:`EncoderLevel`.
+        cond_dim, context_dim, heads, film_bias, time_conditioning, blocks, context_block, act_layer,
+            norm_layer: as in :class:`EncoderLevel`.
         upsample_mode: ``F.interpolate`` mode; ``"bilinear"`` uses ``align_corners=True`` as FusionNet.
 
     Shapes:
@@ -208,6 +235,7 @@ class DecoderLevel(_Level):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int,
                  cond_dim: int | None = None, context_dim: int | None = None, heads: int = 4,
                  film_bias: bool = True, time_conditioning: str = "film", blocks: int = 1,
+                 context_block: str = "cross_attention",
                  act_layer: Callable[[], nn.Module] = nn.SiLU,
                  norm_layer: Callable[..., nn.Module] = group_norm, upsample_mode: str = "bilinear",
                  device=None, dtype=None) -> None:
@@ -222,7 +250,7 @@ class DecoderLevel(_Level):
         self.norm = norm_layer(out_channels, **dd)
         self.act = act_layer()
         self._init_tail(out_channels, cond_dim, context_dim, heads, act_layer, norm_layer, dd, film_bias,
-                        time_conditioning, blocks)
+                        time_conditioning, blocks, context_block)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, cond: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,6 +309,8 @@ class UNet(nn.Module):
         time_conditioning: where ``cond`` enters: ``"film"`` after each level's residual blocks, or
             ``"scale_shift"`` inside every residual block (the bottleneck's too), after its first norm.
         blocks_per_level: residual blocks in each encoder and decoder level.
+        context_block: how ``context`` enters: ``"cross_attention"`` or ``"transformer"`` (see
+            :class:`EncoderLevel`).
         act_layer, norm_layer: as in :class:`~blockyard.blocks.ResBlock`.
         upsample_mode: as in :class:`DecoderLevel`.
 
@@ -297,7 +327,7 @@ class UNet(nn.Module):
                  widths: tuple[int, ...] | list[int] = (32, 64, 128, 256), cond_dim: int | None = None,
                  context_dim: int | None = None, attention: bool = False, heads: int = 4, *,
                  context_levels: int = 2, dropout: float = 0.0, time_conditioning: str = "film",
-                 blocks_per_level: int = 1,
+                 blocks_per_level: int = 1, context_block: str = "cross_attention",
                  act_layer: Callable[[], nn.Module] = nn.SiLU,
                  norm_layer: Callable[..., nn.Module] = group_norm, upsample_mode: str = "bilinear",
                  device=None, dtype=None) -> None:
@@ -322,7 +352,7 @@ class UNet(nn.Module):
         self.cond_dim, self.context_dim = cond_dim, context_dim
         self.multiple = 2 ** (levels - 1)
         kw = {"cond_dim": cond_dim, "heads": heads, "act_layer": act_layer, "norm_layer": norm_layer,
-              "time_conditioning": time_conditioning, "blocks": blocks_per_level, **dd}
+              "time_conditioning": time_conditioning, "blocks": blocks_per_level, "context_block": context_block, **dd}
 
         def ctx(i: int) -> int | None:
             return context_dim if i >= levels - context_levels else None

@@ -302,3 +302,25 @@ def test_scale_shift_compiles_fullgraph():
     x, cond = torch.randn(2, 3, 7, 9), torch.randn(2, 4)
     out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, cond)
     torch.testing.assert_close(out, model(x, cond))
+
+
+def test_transformer_context_block_is_identity_at_init_then_reads_the_context():
+    from blockyard.blocks import TransformerBlock
+
+    torch.manual_seed(0)
+    model = small(cond_dim=4, context_dim=6, context_block="transformer")
+    x, cond = torch.randn(2, 3, 8, 8), torch.randn(2, 4)
+    ctx1, ctx2 = torch.randn(2, 1, 6), torch.randn(2, 1, 6)
+    torch.testing.assert_close(model(x, cond, ctx1), model(x, cond, ctx2), rtol=0, atol=0)
+    blocks = [level.cross_attn for level in (*model.encoders, *model.decoders) if level.cross_attn is not None]
+    assert len(blocks) == 3 and all(isinstance(b.block, TransformerBlock) for b in blocks)
+    perturb_(model, std=0.2)
+    assert (model(x, cond, ctx1) - model(x, cond, ctx2)).abs().max() > 1e-3
+    # the map is read as (B, H*W, C) tokens, row-major, and written back the same way
+    level = model.encoders[-1]
+    h = torch.randn(2, 16, 2, 2)
+    tokens = h.permute(0, 2, 3, 1).reshape(2, 4, 16)
+    want = level.cross_attn.block(tokens, ctx1).reshape(2, 2, 2, 16).permute(0, 3, 1, 2)
+    torch.testing.assert_close(level.cross_attn(h, ctx1), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="context_block: expected one of"):
+        small(context_dim=6, context_block="perceiver")
