@@ -2,8 +2,9 @@
 
 A class-conditional DDPM on scikit-learn's 8x8 grey digits (1,797 images, 80% train): T=1000
 cosine schedule, epsilon prediction, the label dropped to a null token 10% of the time (for
-classifier-free guidance), AdamW with one-cycle, DDIM with 50 steps. Every network sees the same
-data, batch order, noise, timesteps and sampler noise. Samples are judged by a logistic
+classifier-free guidance), AdamW with one-cycle, DDIM with 50 steps (with x0 clipped to [-1, 1] and
+the direction term either re-derived from the clipped x0 or the model's own eps: ``--ddim-eps``).
+Every network sees the same data, batch order, noise, timesteps and sampler noise. Samples are judged by a logistic
 regression fitted on the real training images: the score is the fraction of samples classified
 as the label they were generated for; the same classifier's accuracy on held-out real images is
 the ceiling.
@@ -47,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--samples", type=int, default=100, help="samples per class and guidance scale")
     p.add_argument("--scales", default="1,3", help="guidance scales")
+    p.add_argument("--ddim-eps", default="clipped,given",
+                   help="DDIM direction term: 'clipped' (eps re-derived from the clipped x0, blockyard's "
+                        "default) and/or 'given' (the model's eps, diffusers' default)")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
 
@@ -159,7 +163,8 @@ def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, sched: DDPMScheduler
 
 
 @torch.no_grad()
-def sample(net: nn.Module, sched: DDPMScheduler, labels: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+def sample(net: nn.Module, sched: DDPMScheduler, labels: torch.Tensor, scale: float, seed: int,
+           clipped: bool = True) -> torch.Tensor:
     net.eval()
 
     def guided(x_t, t, y):
@@ -170,7 +175,7 @@ def sample(net: nn.Module, sched: DDPMScheduler, labels: torch.Tensor, scale: fl
         return uncond + scale * (cond - uncond)
 
     return sched.sample(guided, (len(labels), 1, 8, 8), steps=50, generator=torch.Generator().manual_seed(seed),
-                        y=labels)
+                        use_clipped_model_output=clipped, y=labels)
 
 
 def main() -> None:
@@ -181,11 +186,14 @@ def main() -> None:
     ceiling = judge_accuracy(judge, x_te, y_te)
     sched = DDPMScheduler(1000, schedule="squaredcos_cap_v2")
     scales = [float(s) for s in args.scales.split(",")]
+    variants = [(e, s) for e in args.ddim_eps.split(",") for s in scales]
+    if any(e not in ("clipped", "given") for e, _ in variants):
+        raise SystemExit(f"--ddim-eps: expected 'clipped' and/or 'given', got {args.ddim_eps!r}")
     labels = torch.arange(10).repeat_interleave(args.samples)
     print(f"8x8 digits: {len(y_tr)} train, {len(y_te)} held out; judge accuracy on held-out real images "
           f"(the ceiling) {ceiling:.3f}; {args.steps} steps of batch {args.batch_size}, {len(labels)} samples "
           f"per scale, DDIM 50")
-    header = f"{'network':<44}{'params':>9}" + "".join(f"{'scale ' + str(s):>11}" for s in scales) + \
+    header = f"{'network':<44}{'params':>9}" + "".join(f"{e + ' x' + format(s, 'g'):>12}" for e, s in variants) + \
         f"{'train s':>9}{'ms/step':>9}"
     print(header + "\n" + "-" * len(header), flush=True)
     for spec in args.nets.split(";" if ";" in args.nets else ","):
@@ -193,8 +201,9 @@ def main() -> None:
             torch.manual_seed(seed)
             net = build(spec)
             seconds = train(net, x_tr, y_tr, sched, args, seed)
-            accs = [judge_accuracy(judge, sample(net, sched, labels, s, seed), labels) for s in scales]
-            print(f"{spec + f' (seed {seed})':<44}{count_parameters(net):>9,}" + "".join(f"{a:>11.3f}" for a in accs)
+            accs = [judge_accuracy(judge, sample(net, sched, labels, s, seed, e == "clipped"), labels)
+                    for e, s in variants]
+            print(f"{spec + f' (seed {seed})':<44}{count_parameters(net):>9,}" + "".join(f"{a:>12.3f}" for a in accs)
                   + f"{seconds:>9.0f}{1e3 * seconds / args.steps:>9.1f}", flush=True)
 
 
