@@ -236,9 +236,10 @@ class DDPMScheduler(nn.Module):
         :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1-\bar\alpha_t}`, as diffusers
         does with the same keyword; with ``False`` it uses the model's ``eps`` as given
         (:math:`\hat\epsilon = \epsilon`), diffusers' ``DDIMScheduler.step`` default, bit for bit. The two
-        differ only where the clip was active, which under classifier-free guidance is often: on
-        benchmarks/diffusion_peer.py's 8x8 digits (cosine schedule, guidance scale 3) the samples a
-        classifier recognises were 0.975 with the default and 0.65 with ``False``.
+        differ only where the clip was active, which under classifier-free guidance is often: in
+        ``benchmarks/diffusion_peer.py`` (8x8 digits, cosine schedule, 3000 steps, guidance scale 3) the
+        share of samples a classifier recognises was 1.000 with the default and 0.094 with ``False``
+        for blockyard's U-Net, 1.000 and 0.038 for diffusers' ``UNet2DConditionModel``.
         """
         self._check_pair(eps, "eps", x_t, "x_t")
         if eta < 0:
