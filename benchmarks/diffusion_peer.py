@@ -41,7 +41,8 @@ NULL = 10  # the dropped label's index
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", default="peer,ours")
+    p.add_argument("--nets", default="peer,ours",
+                   help="networks, separated by ';' (or ',' when none has options), e.g. 'peer;ours:context_levels=3'")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="one-cycle peak")
@@ -196,7 +197,8 @@ def main() -> None:
     header = f"{'network':<44}{'params':>9}" + "".join(f"{e + ' x' + format(s, 'g'):>12}" for e, s in variants) + \
         f"{'train s':>9}{'ms/step':>9}"
     print(header + "\n" + "-" * len(header), flush=True)
-    for spec in args.nets.split(";" if ";" in args.nets else ","):
+    specs = args.nets.split(";") if ";" in args.nets or ":" in args.nets else args.nets.split(",")
+    for spec in filter(None, specs):
         for seed in (int(s) for s in args.seeds.split(",")):
             torch.manual_seed(seed)
             net = build(spec)
