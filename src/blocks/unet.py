@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_float_input, positive_int
-from .attention import BottleneckAttention, CrossAttention
+from .attention import BottleneckAttention
 from .film import FiLM
+from .map_attention import CONTEXT_BLOCKS
 from .norm import group_norm
 from .resblock import ResBlock
-from .transformer import TransformerBlock
 
 __all__ = ["DecoderLevel", "EncoderLevel", "UNet"]
 
@@ -46,54 +46,6 @@ def _check_context(context: torch.Tensor | None, context_dim: int | None, batch:
         raise ValueError(f"context: expected ({batch}, L, {context_dim}), got {tuple(context.shape)}")
 
 
-class _MapCrossAttention(nn.Module):
-    """Pre-norm residual cross-attention of a feature map's positions to a context sequence.
-
-    ``x + CrossAttention(LayerNorm(tokens(x)), context)`` with the output projection zero-initialised,
-    so it is the identity at init. For a channels-last ``x`` the token view is free (no copy).
-    """
-
-    def __init__(self, channels: int, context_dim: int, heads: int, device=None, dtype=None) -> None:
-        super().__init__()
-        if channels % heads:
-            raise ValueError(f"heads: expected a divisor of the level width {channels}, got {heads}")
-        self.norm = nn.LayerNorm(channels, device=device, dtype=dtype)
-        self.attn = CrossAttention(channels, context_dim, heads=heads, device=device, dtype=dtype)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.attn.proj.weight)
-        if self.attn.proj.bias is not None:
-            nn.init.zeros_(self.attn.proj.bias)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        out = self.attn(self.norm(tokens), context, context_mask)
-        return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
-
-
-class _MapTransformer(nn.Module):
-    """A :class:`~blockyard.blocks.TransformerBlock` (self-attention, cross-attention to the context,
-    MLP; identity at init) over a feature map's positions, as diffusers' ``Transformer2DModel``."""
-
-    def __init__(self, channels: int, context_dim: int, heads: int, device=None, dtype=None) -> None:
-        super().__init__()
-        if channels % heads:
-            raise ValueError(f"heads: expected a divisor of the level width {channels}, got {heads}")
-        self.block = TransformerBlock(channels, heads=heads, context_dim=context_dim, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.block(x.permute(0, 2, 3, 1).reshape(b, h * w, c), context, context_mask=context_mask)
-        return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
-
-
-_CONTEXT_BLOCKS = {"cross_attention": _MapCrossAttention, "transformer": _MapTransformer}
-
-
 class _Stem(nn.Sequential):
     """1x1 conv (no bias) -> norm -> act: FusionNet's channel projection at the start of a level."""
 
@@ -114,8 +66,8 @@ class _Level(nn.Module):
     def _init_tail(self, channels: int, cond_dim: int | None, context_dim: int | None, heads: int,
                    act_layer, norm_layer, dd, film_bias: bool = True, time_conditioning: str = "film",
                    blocks: int = 1, context_block: str = "cross_attention") -> None:
-        if context_block not in _CONTEXT_BLOCKS:
-            raise ValueError(f"context_block: expected one of {tuple(_CONTEXT_BLOCKS)}, got {context_block!r}")
+        if context_block not in CONTEXT_BLOCKS:
+            raise ValueError(f"context_block: expected one of {tuple(CONTEXT_BLOCKS)}, got {context_block!r}")
         if time_conditioning not in _TIME_CONDITIONING:
             raise ValueError(f"time_conditioning: expected one of {_TIME_CONDITIONING}, got {time_conditioning!r}")
         blocks = positive_int("blocks_per_level", blocks)
@@ -128,7 +80,7 @@ class _Level(nn.Module):
         self.more_blocks = nn.ModuleList(ResBlock(channels, **kw) for _ in range(blocks - 1))
         self.film = (FiLM(cond_dim, channels, bias=film_bias, **dd)
                      if cond_dim is not None and inner is None else None)
-        self.cross_attn = (_CONTEXT_BLOCKS[context_block](channels, context_dim, heads, **dd)
+        self.cross_attn = (CONTEXT_BLOCKS[context_block](channels, context_dim, heads, **dd)
                            if context_dim is not None else None)
 
     def _tail(self, h: torch.Tensor, cond: torch.Tensor | None, context: torch.Tensor | None,

@@ -3,7 +3,7 @@
 from .atomic import write_json_atomic
 from .balance import Split, balanced_indices, group_split, layer_index, stratified_split
 from .binning import BinnedTargets, bin_index, freedman_diaconis_edges
-from .lock import file_lock
+from .lock import LockHeld, file_lock, hold_lock, release_lock
 from .padded import PAD_MASK, PaddedDataset
 from .samplers import BucketBatchSampler, rank_batches
 from .shards import ShardDataset, write_shard
@@ -17,6 +17,7 @@ __all__ = [
     "CorruptedStoreError",
     "GroupedStore",
     "GroupedStoreWriter",
+    "LockHeld",
     "PaddedDataset",
     "ShardDataset",
     "Split",
@@ -26,8 +27,10 @@ __all__ = [
     "file_lock",
     "freedman_diaconis_edges",
     "group_split",
+    "hold_lock",
     "layer_index",
     "rank_batches",
+    "release_lock",
     "stratified_split",
     "write_json_atomic",
     "write_shard",

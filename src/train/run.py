@@ -40,15 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from ..data.atomic import write_json_atomic
+from ..data.lock import LockHeld, hold_lock, release_lock
 from .checkpoint import CheckpointManager
 from .distributed import any_rank
 from .manifest import CheckpointError
 from .metrics_log import MetricsLog
-
-try:  # POSIX only
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["RUN_FILE", "RunDir", "RunFolderError"]
 
@@ -238,17 +234,19 @@ class RunDir:
         else:
             names = [RUN_FILE, *earlier.get("files", []), *earlier.get("checkpoints", [])]
         names = sorted({Path(n).parts[0] for n in names if (self.path / Path(n).parts[0]).exists()})
-        stamp = str(earlier.get("started", _now()))
-        target = self.path / _ASIDE / stamp
-        suffix = 1
-        while target.exists():
-            target = self.path / _ASIDE / f"{stamp}.{suffix}"
-            suffix += 1
-        target.mkdir(parents=True)
+        target = self._aside(str(earlier.get("started", _now())))
         for name in names:
             os.replace(self.path / name, target / name)
         self.moved_to = target
         logger.info("moved the earlier run in %s aside into %s", self.path, target)
+
+    def _aside(self, stamp: str) -> Path:
+        """A new, empty ``previous/<stamp>[.n]`` folder."""
+        target, suffix = self.path / _ASIDE / stamp, 1
+        while target.exists():
+            target, suffix = self.path / _ASIDE / f"{stamp}.{suffix}", suffix + 1
+        target.mkdir(parents=True)
+        return target
 
     def _abandon_newer(self, target: Path) -> None:
         """Resuming from an older checkpoint: move the newer ones of its stage aside (a later
@@ -258,7 +256,7 @@ class RunDir:
         newer = [p for p in manager.step_dirs() if int(p.name.split("_")[-1]) > step]
         if not newer:
             return
-        aside = self.path / _ASIDE / f"{_now()}-abandoned" / target.parent.resolve().relative_to(self.path.resolve())
+        aside = self._aside(f"{_now()}-abandoned") / target.parent.resolve().relative_to(self.path.resolve())
         aside.mkdir(parents=True)
         for p in newer:
             os.replace(p, aside / p.name)
@@ -267,27 +265,15 @@ class RunDir:
 
     # ------------------------------------------------------------------------------ locking
     def _lock(self) -> None:
-        fh = open(self.path / _LOCK, "a+")
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                holder = fh.read().strip() or "unknown"
-                fh.close()
-                raise RunFolderError(f"{self.path} is in use by another run (pid {holder}); wait for it to end or "
-                                     "choose another --out. Nothing was written.") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
-        self._lock_fh = fh
+        try:
+            self._lock_fh = hold_lock(self.path / _LOCK, f"{os.getpid()} on {socket.gethostname()}")
+        except LockHeld as held:
+            raise RunFolderError(f"{self.path} is in use by another run (pid {held.holder}); wait for it to end or "
+                                 "choose another --out. Nothing was written.") from None
 
     def _unlock(self) -> None:
         if self._lock_fh is not None:
-            if fcntl is not None:
-                fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            self._lock_fh.close()
+            release_lock(self._lock_fh)
             self._lock_fh = None
 
     # ------------------------------------------------------------------------------ writing

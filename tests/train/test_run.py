@@ -240,7 +240,7 @@ def test_common_args_have_one_meaning_and_run_config_drops_control_flags():
     assert "out" not in config and "resume" not in config and "overwrite" not in config
     assert config["widths"] == "8,8" and config["seed"] == 2
     assert "widths" not in run_config(args, ignore=("widths",))
-    with pytest.raises(SystemExit, match="^2$"):
+    with pytest.raises(SystemExit, match=r"^2$"):
         p.parse_args(["--precision", "fp8"])
     assert "global batch" in p.format_help()
 
