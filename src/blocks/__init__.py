@@ -1,5 +1,6 @@
 """Layers and tensor ops used inside models. Every name is re-exported flat here."""
 
+from .alibi import alibi_bias, alibi_slopes
 from .attention import Attention, BottleneckAttention, CrossAttention, masked_attention
 from .convnext import ConvNeXtV2Block
 from .diffusion import DDPMScheduler, DDPMStepOutput
@@ -69,6 +70,8 @@ __all__ = [
     "UNet",
     "ViT2d",
     "add_self_loops",
+    "alibi_bias",
+    "alibi_slopes",
     "coord_channels",
     "count_parameters",
     "downsample_mask",

@@ -15,21 +15,23 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ._attention_args import attn_bias_4d, check_tokens, head_dim, key_mask, zero_blind_queries
 from ._checks import check_float_input, positive_int
 
 __all__ = ["Attention", "BottleneckAttention", "CrossAttention", "masked_attention"]
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                     dropout_p: float = 0.0, fused: bool = True) -> torch.Tensor:
+                     dropout_p: float = 0.0, fused: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
     r"""Scaled dot-product attention with a True-means-masked boolean mask and defined empty rows.
 
     .. math::
-        \mathrm{out} = \mathrm{softmax}\big(q k^\top / \sqrt{D} + M\big)\, v,
+        \mathrm{out} = \mathrm{softmax}\big(q k^\top / \sqrt{D} + A + M\big)\, v,
         \qquad M_{ij} = -\infty \text{ where } \mathrm{mask}_{ij} \text{ else } 0
 
-    A query row whose keys are all masked has an empty softmax; its output is defined as 0 (the
-    empty weighted sum) in both paths, forward and backward stay finite (no NaN).
+    with ``A`` the optional additive ``bias`` (e.g. ALiBi, :func:`~blockyard.blocks.alibi_bias`;
+    0 when None). A query row whose keys are all masked has an empty softmax; its output is defined
+    as 0 (the empty weighted sum) in both paths, forward and backward stay finite (no NaN).
 
     Args:
         q, k, v: queries, keys and values, heads already split.
@@ -37,10 +39,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         dropout_p: dropout on the attention weights (pass 0 in eval).
         fused: ``F.scaled_dot_product_attention`` if True, else the softmax written out (the
             reference path; both agree to float32 rounding).
+        bias: finite additive logits (cast to the scores' dtype); exclusions go in ``mask``, not as
+            ``-inf`` here (an all ``-inf`` row would be NaN).
 
     Shapes:
         - q: ``(B, H, Nq, D)``; k: ``(B, H, Nk, D)``; v: ``(B, H, Nk, Dv)``
         - mask: broadcastable to ``(B, H, Nq, Nk)``, e.g. ``(B, 1, 1, Nk)``
+        - bias: floating, broadcastable to ``(B, H, Nq, Nk)``, e.g. ``(1, H, Nq, Nk)``
         - output: ``(B, H, Nq, Dv)``
     """
     scale = q.shape[-1] ** -0.5
@@ -51,10 +56,15 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         # below, so no -inf row ever reaches the softmax.
         mask = mask & ~empty
     if fused:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else ~mask,
-                                             dropout_p=dropout_p, scale=scale)
+        attn_mask = None if mask is None else ~mask
+        if bias is not None:  # SDPA adds a float mask to the scores: bias, -inf where masked
+            bias = bias.to(q.dtype)
+            attn_mask = bias if mask is None else torch.where(mask, float("-inf"), bias)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     else:
         scores = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
         # softmax in float32: half-precision exponent sums lose the small weights.
@@ -67,47 +77,6 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out
 
 
-def _check_tokens(x: torch.Tensor, name: str, dim: int, batch: int | None = None) -> None:
-    b = "B" if batch is None else str(batch)
-    if x.dim() != 3 or x.shape[-1] != dim or (batch is not None and x.shape[0] != batch):
-        raise ValueError(f"{name}: expected ({b}, N, {dim}), got {tuple(x.shape)}")
-
-
-def _key_mask(mask: torch.Tensor | None, name: str, batch: int, heads: int, n_q: int,
-              n_k: int) -> torch.Tensor | None:
-    """Validate a True-means-masked key mask and return it as bool ``(B, 1|H, 1|Nq, Nk)``."""
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise TypeError(f"{name}: expected a bool (or integer 0/1) mask, True = masked, got {mask.dtype}")
-        mask = mask != 0
-    shape = tuple(mask.shape)
-    if shape == (batch, n_k):
-        return mask[:, None, None, :]
-    if shape == (batch, n_q, n_k):
-        return mask[:, None]
-    if shape == (batch, heads, n_q, n_k):
-        return mask
-    raise ValueError(f"{name}: expected ({batch}, {n_k}), ({batch}, {n_q}, {n_k}) or "
-                     f"({batch}, {heads}, {n_q}, {n_k}), got {shape}")
-
-
-def _zero_blind_queries(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the output tokens ``(B, Nq, C)`` that see no key in any head (projection bias included)."""
-    if mask is None:
-        return out
-    blind = mask.all(dim=-1).all(dim=1)  # (B, 1|Nq)
-    return out.masked_fill(blind[..., None], 0.0)
-
-
-def _head_dim(dim: int, heads: int) -> int:
-    dim, heads = positive_int("dim", dim), positive_int("heads", heads)
-    if dim % heads != 0:
-        raise ValueError(f"dim: expected a multiple of heads={heads}, got dim={dim}")
-    return dim // heads
-
-
 class Attention(nn.Module):
     r"""Multi-head self-attention over tokens, with a fused (SDPA) and a written-out path.
 
@@ -117,6 +86,12 @@ class Attention(nn.Module):
 
     with ``D = dim // heads`` and :math:`M = -\infty` where ``mask`` is True. ``qkv`` is laid out
     ``(3, heads, D)`` along its output features (timm's layout, so weights can be copied).
+
+    Relative positions, both optional and usable together: a ``rope`` module (e.g.
+    ``RotaryEmbedding(dim // heads)``) rotates every head's ``q`` and ``k`` by ``positions`` before
+    the scores (RoFormer, Su et al. 2021), and ``attn_bias`` is added to the scores of every query
+    (e.g. ALiBi, :func:`~blockyard.blocks.alibi_bias`, Press et al. 2021). Without them the forward is
+    exactly the plain one.
 
     Mask: ``True`` = this key is NOT attended (masked), ``False`` = attended. A query that sees no
     key (every key masked for it in every head) outputs exactly 0, never NaN; within one head a
@@ -131,19 +106,27 @@ class Attention(nn.Module):
         proj_drop: dropout after the output projection.
         fused: use ``F.scaled_dot_product_attention``; ``False`` runs the reference softmax path.
             A plain attribute, may be flipped after construction.
+        rope: called as ``rope(t, positions)`` on ``q`` and ``k`` of shape ``(B, heads, N, D)``,
+            e.g. :class:`~blockyard.blocks.RotaryEmbedding` with ``dim = D``; None for no rotation.
 
     Shapes:
         - x: ``(B, N, C)``, floating, of the parameters' dtype (any floating dtype under
           ``torch.autocast``); an integer or mismatched ``x`` raises a ``TypeError``
         - mask: ``(B, N)`` key padding, ``(B, N, N)`` or ``(B, heads, N, N)``, bool
+        - positions: for ``rope``, ``(N,)`` or ``(B, N)``; None = ``0 .. N-1``
+        - attn_bias: ``(N, N)``, ``(heads, N, N)`` or ``(B, heads, N, N)``, floating and finite
         - output: ``(B, N, C)``
     """
 
     def __init__(self, dim: int, heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True,
-                 device=None, dtype=None) -> None:
+                 rope: nn.Module | None = None, device=None, dtype=None) -> None:
         super().__init__()
-        self.head_dim = _head_dim(dim, heads)
+        self.head_dim = head_dim(dim, heads)
+        if rope is not None and getattr(rope, "dim", self.head_dim) != self.head_dim:
+            raise ValueError(f"rope: expected a rotary embedding over the head dim {self.head_dim} "
+                             f"(dim // heads), got dim={rope.dim}")
+        self.rope = rope
         self.dim = dim
         self.heads = heads
         self.attn_drop = attn_drop
@@ -156,15 +139,21 @@ class Attention(nn.Module):
         self.qkv.reset_parameters()
         self.proj.reset_parameters()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_tokens(x, "x", self.dim)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        check_tokens(x, "x", self.dim)
         check_float_input(x, "x", self.qkv.weight.dtype)
         b, n, _ = x.shape
-        mask = _key_mask(mask, "mask", b, self.heads, n, n)
+        mask = key_mask(mask, "mask", b, self.heads, n, n)
+        attn_bias = attn_bias_4d(attn_bias, "attn_bias", b, self.heads, n, n)
+        if positions is not None and self.rope is None:
+            raise ValueError("positions: this Attention was built with rope=None, got positions")
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = masked_attention(q, k, v, mask, self.attn_drop if self.training else 0.0, self.fused)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        out = masked_attention(q, k, v, mask, self.attn_drop if self.training else 0.0, self.fused, attn_bias)
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
-        return _zero_blind_queries(out, mask)
+        return zero_blind_queries(out, mask)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, fused={self.fused}"
@@ -200,7 +189,7 @@ class CrossAttention(nn.Module):
                  proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  fused: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        self.head_dim = _head_dim(dim, heads)
+        self.head_dim = head_dim(dim, heads)
         self.dim = dim
         self.context_dim = positive_int("context_dim", context_dim)
         self.heads = heads
@@ -217,17 +206,17 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_tokens(x, "x", self.dim)
+        check_tokens(x, "x", self.dim)
         b, n, _ = x.shape
-        _check_tokens(context, "context", self.context_dim, batch=b)
+        check_tokens(context, "context", self.context_dim, batch=b)
         check_float_input(x, "x", self.q.weight.dtype)
         check_float_input(context, "context", self.kv.weight.dtype)
-        mask = _key_mask(context_mask, "context_mask", b, self.heads, n, context.shape[1])
+        mask = key_mask(context_mask, "context_mask", b, self.heads, n, context.shape[1])
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
         out = masked_attention(q, k, v, mask, self.attn_drop if self.training else 0.0, self.fused)
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
-        return _zero_blind_queries(out, mask)
+        return zero_blind_queries(out, mask)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, context_dim={self.context_dim}, heads={self.heads}, fused={self.fused}"

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .attention import Attention, CrossAttention, _check_tokens
+from ._attention_args import check_tokens
+from .attention import Attention, CrossAttention
 from .drop import DropPath
 from .heads import MLP
 
@@ -40,26 +41,32 @@ class TransformerBlock(nn.Module):
         qkv_bias: bias in the attention input projections.
         zero_init: zero the last layer of each branch (identity at init).
         fused: attention path, see :class:`Attention`.
+        rope: rotary embedding of the self-attention's ``q`` and ``k`` (e.g.
+            ``RotaryEmbedding(dim // heads)``), see :class:`Attention`; None for none.
 
     Shapes:
         - x: ``(B, N, dim)``
         - context: ``(B, L, context_dim)``, required iff ``context_dim`` is set
         - mask: self-attention key mask, see :class:`Attention` (True = masked)
         - context_mask: context key mask, see :class:`CrossAttention` (True = masked)
+        - positions: self-attention ``rope`` positions ``(N,)`` or ``(B, N)``, see :class:`Attention`
+        - attn_bias: additive self-attention bias ``(N, N)``, ``(heads, N, N)`` or ``(B, heads, N, N)``
+          (e.g. ALiBi), see :class:`Attention`
         - output: ``(B, N, dim)``
     """
 
     def __init__(self, dim: int, heads: int = 8, mlp_ratio: float = 4.0, context_dim: int | None = None,
                  drop_path: float = 0.0, act_layer: Callable[[], nn.Module] = nn.GELU,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, qkv_bias: bool = False,
-                 zero_init: bool = True, fused: bool = True, device=None, dtype=None) -> None:
+                 zero_init: bool = True, fused: bool = True, rope: nn.Module | None = None,
+                 device=None, dtype=None) -> None:
         super().__init__()
         self.dim = dim
         self.context_dim = context_dim
         self.zero_init = zero_init
         kw = {"device": device, "dtype": dtype}
         self.norm1 = norm_layer(dim).to(**kw)
-        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, fused=fused, **kw)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, fused=fused, rope=rope, **kw)
         self.drop_path1 = DropPath(drop_path)
         if context_dim is not None:
             self.norm2 = norm_layer(dim).to(**kw)
@@ -80,13 +87,14 @@ class TransformerBlock(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_tokens(x, "x", self.dim)
+                context_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        check_tokens(x, "x", self.dim)
         if self.context_dim is None and (context is not None or context_mask is not None):
             raise ValueError("context: this block was built with context_dim=None, got a context")
         if self.context_dim is not None and context is None:
             raise ValueError(f"context: expected ({x.shape[0]}, L, {self.context_dim}), got None")
-        x = x + self.drop_path1(self.attn(self.norm1(x), mask))
+        x = x + self.drop_path1(self.attn(self.norm1(x), mask, positions, attn_bias))
         if self.context_dim is not None:
             x = x + self.drop_path2(self.cross(self.norm2(x), context, context_mask))
         return x + self.drop_path3(self.mlp(self.norm3(x)))
