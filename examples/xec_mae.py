@@ -5,7 +5,7 @@ photo-sensors on six faces see the scintillation light of a point source; exampl
 the geometry and a synthetic event generator (Poisson photon counts, times with jitter and a
 validity threshold, 1 % dead channels). The encoder (examples/xec/model.py) reads each image face
 with a masked ConvNeXt-V2 CNN, the two hex faces with graph attention, and fuses seven face tokens
-with a transformer.
+with a transformer; --pos-enc picks how it tells the faces apart (examples/xec/posenc.py).
 
 The run, in stages (each with its own metrics.jsonl and checkpoints under --out):
 
@@ -51,6 +51,7 @@ from xec.events import TARGET_NAMES
 from xec.geometry import build_geometry
 from xec.mae import XECMAE, mae_loss
 from xec.model import XECEncoder, XECRegressor
+from xec.posenc import POS_ENCODINGS
 
 from blockyard.blocks import count_parameters, random_mask
 from blockyard.data import rank_batches
@@ -94,7 +95,14 @@ def parse_args(argv=None):
     p.add_argument("--mae-weight-decay", type=float, default=5e-5, help="seed MAE: 5e-5")
     p.add_argument("--warmup", type=float, default=0.05, help="warmup steps as a fraction of a stage's steps")
     p.add_argument("--mask-ratio", type=float, default=0.6, help="hidden fraction of the live sensors (seed 0.6)")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the regressors (seed 0.999, warmup on)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the regressors (seed 0.999)")
+    p.add_argument("--ema-warmup", choices=("on", "off"), default="on",
+                   help="on: timm's decay warmup min(d, 1 - t^(-2/3)), about 0.975 after 256 steps; off: the seed's "
+                        "constant d from the second step (default on)")
+    p.add_argument("--pos-enc", choices=POS_ENCODINGS, default="learned",
+                   help="how the fusion transformer tells the 7 face tokens apart: an added learned (the seed's), "
+                        "sinusoidal (token index) or geometric (face centres) table, or rope (token index) / alibi "
+                        "(face-centre distances) in the attention (default learned)")
     p.add_argument("--dim", type=int, default=None, help="CNN width (default 32, smoke 8)")
     p.add_argument("--depth", type=int, default=2, help="ConvNeXt-V2 blocks per image face (smoke 1)")
     p.add_argument("--token-dim", type=int, default=None, help="face token width (default 64, smoke 16)")
@@ -225,7 +233,8 @@ def main(argv=None) -> None:
         f"{time.perf_counter() - t0:.1f} s; {int(train.dead.sum())} dead sensors; world {info.world_size} on "
         f"{device}, {args.precision}")
     geometry = geometry.to(device)
-    kw = {"dim": args.dim, "depth": args.depth, "token_dim": args.token_dim, "hex_dim": max(8, args.token_dim // 2)}
+    kw = {"dim": args.dim, "depth": args.depth, "token_dim": args.token_dim, "hex_dim": max(8, args.token_dim // 2),
+          "pos_enc": args.pos_enc}
 
     def regression_loss(ddp, rows, _gen):
         with autocast(device, args.precision):
@@ -258,13 +267,14 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed + 2)  # same head init for both
         encoder = copy.deepcopy(mae.encoder) if name == "finetune" else XECEncoder(geometry, **kw)
         model = XECRegressor(encoder).to(device)
-        ema = EMA(model, decay=args.ema)
+        ema = EMA(model, decay=args.ema, warmup=args.ema_warmup == "on")
         stages[name] = train_stage(name, model, train, args.epochs, args.lr, args.weight_decay, regression_loss,
                                    validate_regression, args, info, run, ema=ema,
                                    steps_before=sum(stage["opt_steps"] for stage in stages.values()))
         z = predict(ema.module, test, info, args.precision)
         predictions[name] = (z * train.std + train.mean).cpu()
         results[name] = resolution(predictions[name], test.targets)
+        stages[name]["ema_decay_last_step"] = ema.decay_at(stages[name]["opt_steps"])
         say(f"{name}: {stages[name]['parameters']:,} parameters, best epoch {stages[name]['best_epoch']}, "
             f"{stages[name]['train_time_s']:.0f} s")
 
@@ -285,6 +295,9 @@ def main(argv=None) -> None:
         lines.append(f"\npretraining: val masked MSE {pre['val_loss']:.5f} (per-sensor training mean "
                      f"{pre['val_sensor_mean_mse']:.5f}); fine-tune vs scratch val loss (EMA, standardised MSE): "
                      f"{stages['finetune']['final']['val_loss']:.4f} vs {stages['scratch']['final']['val_loss']:.4f}")
+        lines.append(f"positional encoding of the face tokens: {args.pos_enc}; EMA decay {args.ema}, warmup "
+                     f"{args.ema_warmup}: effective decay at the last step ({stages['finetune']['opt_steps']}) "
+                     f"{stages['finetune']['ema_decay_last_step']:.4f}")
         table = "\n".join(lines)
         print("\n" + table)
         wall = time.perf_counter() - run_start

@@ -11,8 +11,9 @@ coarse (9 z x 24 phi, the §1.4-fixed map) and outer centre (5 x 6) go through O
 (:class:`FaceEncoder`); top and bottom (73-node hex graphs) through one shared graph-attention
 encoder (:class:`HexEncoder`). The split outer mode is used rather than the 45 x 72 fine grid: it
 holds every one of the 234 outer PMTs in its own cell (the 12 ids shared by both grids are read
-twice) at 246 cells instead of 3240, 13x less convolution for the same sensors. Seven tokens,
-plus a learned face embedding, go through a small pre-norm transformer (seed: 2 post-norm layers).
+twice) at 246 cells instead of 3240, 13x less convolution for the same sensors. Seven tokens go
+through a small pre-norm transformer (seed: 2 post-norm layers), told which face is which by one of
+the seed's positional encodings (:mod:`xec.posenc`; default a learned face embedding, the seed's).
 
 Inputs per sensor (``sensor_inputs``): normalised npho (sqrt scheme), normalised time and a time
 validity channel, with the time zeroed where it is invalid (explicit validity flag, no in-band
@@ -42,6 +43,7 @@ from blockyard.blocks import (
     GraphAttention,
     LayerNorm2d,
     LearnedPositionalEmbedding,
+    RotaryEmbedding,
     TransformerBlock,
     downsample_mask,
     sincos_2d,
@@ -49,6 +51,7 @@ from blockyard.blocks import (
 
 from .events import normalize_npho
 from .geometry import N_SENSORS, Geometry
+from .posenc import POS_ENCODINGS, face_alibi_bias, geometric_table, sinusoidal_table, token_centres
 
 __all__ = [
     "HEX_FACES",
@@ -210,6 +213,9 @@ class XECEncoder(nn.Module):
         hex_dim, hex_depth: of the shared :class:`HexEncoder`.
         token_dim: token width ``D``.
         fusion_depth, heads: transformer blocks over the tokens and their heads.
+        pos_enc: how the fusion tells the tokens apart, one of :data:`xec.posenc.POS_ENCODINGS`:
+            an added ``learned``, ``sinusoidal`` (token index) or ``geometric`` (face centre) table,
+            ``rope`` (token index) or ``alibi`` (face-centre distances) inside the attention.
 
     Shapes:
         - x: ``(B, 3, 4760)`` from :func:`sensor_inputs`; mask: ``(B, 4760)`` bool, **True = masked**
@@ -219,8 +225,10 @@ class XECEncoder(nn.Module):
 
     def __init__(self, geometry: Geometry, dim: int = 32, depth: int = 2, kernel_size: int = 5, hex_dim: int = 32,
                  hex_depth: int = 2, token_dim: int = 64,
-                 fusion_depth: int = 2, heads: int = 4) -> None:
+                 fusion_depth: int = 2, heads: int = 4, pos_enc: str = "learned") -> None:
         super().__init__()
+        if pos_enc not in POS_ENCODINGS:
+            raise ValueError(f"pos_enc: expected one of {POS_ENCODINGS}, got {pos_enc!r}")
         for name in IMAGE_GRIDS:
             self.register_buffer(f"map_{name}", getattr(geometry, name).index_map.clone(), persistent=False)
         self.register_buffer("hex_ids", torch.stack([geometry.top_ids, geometry.bottom_ids]), persistent=False)
@@ -228,8 +236,18 @@ class XECEncoder(nn.Module):
         self.face = FaceEncoder(IN_CHANNELS, dim, depth, kernel_size, token_dim=token_dim)
         self.hex = HexEncoder(geometry.hex_edge_index, geometry.top_ids.numel(), IN_CHANNELS, hex_dim, hex_depth,
                               token_dim=token_dim)
-        self.face_embed = LearnedPositionalEmbedding(len(TOKENS), token_dim)
-        self.fusion = nn.ModuleList(TransformerBlock(token_dim, heads) for _ in range(fusion_depth))
+        self.pos_enc = pos_enc
+        centres = token_centres(geometry, IMAGE_GRIDS).cpu()
+        tables = {"sinusoidal": lambda: sinusoidal_table(torch.arange(len(TOKENS)), token_dim),
+                  "geometric": lambda: geometric_table(centres, token_dim)}
+        if pos_enc == "learned":
+            self.face_embed = LearnedPositionalEmbedding(len(TOKENS), token_dim)
+        elif pos_enc in tables:
+            self.register_buffer("face_table", tables[pos_enc]().float(), persistent=False)
+        elif pos_enc == "alibi":
+            self.register_buffer("face_bias", face_alibi_bias(centres, heads).float(), persistent=False)
+        rope = RotaryEmbedding(token_dim // heads) if pos_enc == "rope" else None  # default positions 0..6
+        self.fusion = nn.ModuleList(TransformerBlock(token_dim, heads, rope=rope) for _ in range(fusion_depth))
         self.norm = nn.LayerNorm(token_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
@@ -247,10 +265,19 @@ class XECEncoder(nn.Module):
             hex_nodes.append(nodes)
             hex_masks.append(mask[:, ids])
             hex_tokens.append(token)
-        tokens = self.face_embed(torch.stack([f.token for f in faces] + hex_tokens, 1))
+        tokens = self.fuse(torch.stack([f.token for f in faces] + hex_tokens, 1))
+        return EncoderOutput(tokens, tuple(faces), tuple(hex_nodes), tuple(hex_masks))
+
+    def fuse(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The face tokens ``(B, 7, D)`` (order ``TOKENS``) -> fused and normalised, with ``pos_enc``."""
+        if self.pos_enc == "learned":
+            tokens = self.face_embed(tokens)
+        elif self.pos_enc in ("sinusoidal", "geometric"):
+            tokens = tokens + self.face_table.to(tokens.dtype)
+        bias = self.face_bias if self.pos_enc == "alibi" else None
         for block in self.fusion:
-            tokens = block(tokens)
-        return EncoderOutput(self.norm(tokens), tuple(faces), tuple(hex_nodes), tuple(hex_masks))
+            tokens = block(tokens, attn_bias=bias)
+        return self.norm(tokens)
 
 
 class XECRegressor(nn.Module):
