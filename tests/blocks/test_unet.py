@@ -324,3 +324,33 @@ def test_transformer_context_block_is_identity_at_init_then_reads_the_context():
     torch.testing.assert_close(level.cross_attn(h, ctx1), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="context_block: expected one of"):
         small(context_dim=6, context_block="perceiver")
+
+
+def test_stem_conv_is_one_biased_3x3_conv_and_projection_is_fusionnets():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 6)
+    conv = perturb_(EncoderLevel(3, 8, downsample=False, stem="conv"))
+    torch.testing.assert_close(conv.stem(x), F.conv2d(x, conv.stem[0].weight, conv.stem[0].bias, padding=1))
+    proj = perturb_(EncoderLevel(3, 8, downsample=False))
+    torch.testing.assert_close(proj.stem(x), F.silu(ref_norm(proj.stem[1], F.conv2d(x, proj.stem[0].weight))))
+    assert small().encoders[0].stem[0].kernel_size == (3, 3)  # UNet's default reads the raw input by a 3x3 conv
+    assert all(len(level.stem) == 3 for level in small().encoders[1:])  # deeper levels keep the projection
+
+
+def test_projection_stem_cannot_see_each_samples_input_scale_and_conv_stem_can():
+    """Why ``UNet`` defaults to ``stem="conv"``: a bias-free 1x1 projection followed by GroupNorm
+    divides out each sample's scale, so a denoiser built on it cannot tell x from 3x."""
+    torch.manual_seed(0)
+    x, cond = torch.randn(2, 3, 8, 8), torch.randn(2, 4)
+    scale = torch.tensor([3.0, 0.5])[:, None, None, None]
+    proj = perturb_(small(cond_dim=4, stem="projection"), std=0.2)
+    torch.testing.assert_close(proj(scale * x, cond), proj(x, cond), rtol=1e-3, atol=1e-3)
+    conv = perturb_(small(cond_dim=4, stem="conv"), std=0.2)
+    assert (conv(scale * x, cond) - conv(x, cond)).abs().amax() > 1e-2
+
+
+def test_stem_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="stem: expected one of \\('projection', 'conv'\\), got 'norm'"):
+        small(stem="norm")
+    with pytest.raises(ValueError, match="stem: expected one of"):
+        EncoderLevel(3, 8, stem="")
