@@ -9,21 +9,26 @@ regression fitted on the real training images: the score is the fraction of samp
 as the label they were generated for; the same classifier's accuracy on held-out real images is
 the ceiling.
 
-Networks (``--nets``, comma-separated, trained in turn):
+Networks (``--nets``, separated by ';', each trained for every ``--seeds`` in turn):
 
 - ``peer``: diffusers ``UNet2DConditionModel`` (block_out_channels 16,32,32, one layer per block,
-  cross-attention down and up blocks; the label as one context token).
-- ``ours``: blockyard ``UNet`` (widths 32,64,64), the timestep through an MLP on
-  ``timestep_embedding`` as ``cond``, the label as one context token (``context_dim``).
-- ``ours:key=value,...`` variants, e.g. ``ours:context_levels=3``; ``label=cond`` adds the label
-  embedding to the timestep vector instead of (or with ``label=both``, as well as) the context;
-  ``gates=random`` starts the identity-at-init gates (FiLM, cross-attention output) from torch's
-  default Linear init; ``time_conditioning`` and ``blocks_per_level`` are ``UNet``'s.
+  cross-attention down and up blocks; the label as one context token; 387k parameters).
+- ``ours``: blockyard ``UNet`` (widths 28,56,56, 374k parameters) with its defaults, the timestep
+  through an MLP on ``timestep_embedding`` as ``cond``, the label as one context token.
+- ``ours:key=value,...`` variants: any ``UNet`` keyword (``stem=projection``, ``context_levels=3``,
+  ``time_conditioning=scale_shift``, ``blocks_per_level=2``, ``context_block=transformer``),
+  ``widths=32/64/64``, ``steps=9000`` (this network's own budget: the default table's equal-wall-time
+  row), ``label=cond`` (the label embedding added to the timestep vector instead of, or with
+  ``label=both`` as well as, the context) and ``gates=random`` (the identity-at-init gates, FiLM
+  and the cross-attention output, start from torch's default Linear init).
+
+The time per step is measured apart from the training runs, in 5 interleaved rounds of every
+network, so that a change of machine load falls on all of them alike.
 
 diffusers and scikit-learn come from a separate virtualenv, never from blockyard's dependencies::
 
     python -m venv --system-site-packages /tmp/peer && /tmp/peer/bin/pip install diffusers scikit-learn
-    /tmp/peer/bin/python benchmarks/diffusion_peer.py --nets peer,ours --steps 3000
+    /tmp/peer/bin/python benchmarks/diffusion_peer.py
 """
 from __future__ import annotations
 
@@ -41,18 +46,19 @@ NULL = 10  # the dropped label's index
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", default="peer,ours",
+    p.add_argument("--nets", default="peer;ours;ours:stem=projection;ours:steps=9000",
                    help="networks, separated by ';' (or ',' when none has options), e.g. 'peer;ours:context_levels=3'")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="one-cycle peak")
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    p.add_argument("--samples", type=int, default=100, help="samples per class and guidance scale")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--samples", type=int, default=50, help="samples per class and guidance scale")
     p.add_argument("--scales", default="1,3", help="guidance scales")
-    p.add_argument("--ddim-eps", default="clipped,given",
+    p.add_argument("--ddim-eps", default="clipped",
                    help="DDIM direction term: 'clipped' (eps re-derived from the clipped x0, blockyard's "
                         "default) and/or 'given' (the model's eps, diffusers' default)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--time-steps", type=int, default=20, help="steps per interleaved timing round")
     return p.parse_args()
 
 
@@ -84,7 +90,7 @@ def judge_accuracy(judge, x: torch.Tensor, y: torch.Tensor) -> float:
 class OursDenoiser(nn.Module):
     """blockyard UNet with the timestep as FiLM ``cond`` and the label as a context token (or in ``cond``)."""
 
-    def __init__(self, widths=(32, 64, 64), label: str = "context", gates: str = "identity", **unet_kw) -> None:
+    def __init__(self, widths=(28, 56, 56), label: str = "context", gates: str = "identity", **unet_kw) -> None:
         super().__init__()
         if gates not in ("identity", "random"):
             raise ValueError(f"gates: expected 'identity' or 'random', got {gates!r}")
@@ -129,28 +135,36 @@ class PeerDenoiser(nn.Module):
         return self.unet(x, t, encoder_hidden_states=self.label(y)[:, None]).sample
 
 
-def build(spec: str) -> nn.Module:
-    if spec == "peer":
-        return PeerDenoiser()
+def _value(text: str):
+    if "/" in text:  # widths=28/56/56
+        return tuple(int(v) for v in text.split("/"))
+    if text.lstrip("-").replace(".", "").isdigit():
+        return float(text) if "." in text else int(text)
+    return text
+
+
+def build(spec: str, steps: int) -> tuple[nn.Module, int]:
+    """The network a ``--nets`` entry names and its step budget (``steps=N`` overrides ``--steps``)."""
     name, _, opts = spec.partition(":")
+    kw = dict(item.split("=", 1) for item in filter(None, opts.split(",")))
+    kw = {key: _value(value) for key, value in kw.items()}
+    steps = kw.pop("steps", steps)
+    if name == "peer" and not kw:
+        return PeerDenoiser(), steps
     if name != "ours":
         raise ValueError(f"--nets: expected 'peer', 'ours' or 'ours:key=value,...', got {spec!r}")
-    kw = {}
-    for item in filter(None, opts.split(",")):
-        key, value = item.split("=")
-        kw[key] = value if not value.lstrip("-").replace(".", "").isdigit() else (
-            float(value) if "." in value else int(value))
-    return OursDenoiser(**kw)
+    return OursDenoiser(**kw), steps
 
 
-def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, sched: DDPMScheduler, args, seed: int) -> float:
+def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, sched: DDPMScheduler, args, seed: int,
+          steps: int) -> float:
     """Train with the same batches, noise, timesteps and label drops for every network; return seconds."""
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    stepper = Stepper(net, opt, clip_value=1.0, schedule=lambda s: one_cycle(s, args.steps, args.lr))
+    stepper = Stepper(net, opt, clip_value=1.0, schedule=lambda s: one_cycle(s, steps, args.lr))
     g = torch.Generator().manual_seed(1000 + seed)
     net.train()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         rows = torch.randint(0, len(y), (args.batch_size,), generator=g)
         x0, labels = x[rows], y[rows].clone()
         labels[torch.rand(args.batch_size, generator=g) < 0.1] = NULL
@@ -194,19 +208,42 @@ def main() -> None:
     print(f"8x8 digits: {len(y_tr)} train, {len(y_te)} held out; judge accuracy on held-out real images "
           f"(the ceiling) {ceiling:.3f}; {args.steps} steps of batch {args.batch_size}, {len(labels)} samples "
           f"per scale, DDIM 50")
-    header = f"{'network':<44}{'params':>9}" + "".join(f"{e + ' x' + format(s, 'g'):>12}" for e, s in variants) + \
-        f"{'train s':>9}{'ms/step':>9}"
+    specs = list(filter(None, args.nets.split(";") if ";" in args.nets or ":" in args.nets else args.nets.split(",")))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # Per-step time, measured in interleaved rounds so that a change of machine load hits every network alike.
+    rounds = {spec: [] for spec in specs}
+    for _ in range(5):
+        for spec in specs:
+            torch.manual_seed(0)
+            net, _ = build(spec, args.steps)
+            rounds[spec].append(1e3 * train(net, x_tr, y_tr, sched, args, 0, args.time_steps) / args.time_steps)
+    ms = {spec: sorted(r)[len(r) // 2] for spec, r in rounds.items()}
+    columns = [e + " x" + format(s, "g") for e, s in variants]
+    header = f"{'network':<44}{'params':>9}" + "".join(f"{c:>12}" for c in columns) + f"{'steps':>7}{'train s':>9}"
     print(header + "\n" + "-" * len(header), flush=True)
-    specs = args.nets.split(";") if ";" in args.nets or ":" in args.nets else args.nets.split(",")
-    for spec in filter(None, specs):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    results = {spec: [] for spec in specs}
+    for spec in specs:
+        for seed in seeds:
             torch.manual_seed(seed)
-            net = build(spec)
-            seconds = train(net, x_tr, y_tr, sched, args, seed)
+            net, steps = build(spec, args.steps)
+            seconds = train(net, x_tr, y_tr, sched, args, seed, steps)
             accs = [judge_accuracy(judge, sample(net, sched, labels, s, seed, e == "clipped"), labels)
                     for e, s in variants]
+            results[spec].append(accs)
             print(f"{spec + f' (seed {seed})':<44}{count_parameters(net):>9,}" + "".join(f"{a:>12.3f}" for a in accs)
-                  + f"{seconds:>9.0f}{1e3 * seconds / args.steps:>9.1f}", flush=True)
+                  + f"{steps:>7}{seconds:>9.0f}", flush=True)
+    print(f"\nmedian [IQR] over seeds {args.seeds}; ms/step: median of 5 interleaved rounds of "
+          f"{args.time_steps} steps")
+    header = f"{'network':<44}" + "".join(f"{c:>22}" for c in columns) + f"{'ms/step':>9}"
+    print(header + "\n" + "-" * len(header))
+    for spec in specs:
+        cells = [median_iqr([row[i] for row in results[spec]]) for i in range(len(columns))]
+        print(f"{spec:<44}" + "".join(f"{c:>22}" for c in cells) + f"{ms[spec]:>9.1f}")
+
+
+def median_iqr(values: list[float]) -> str:
+    q = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return f"{q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}]" if len(values) > 1 else f"{q[1]:.3f}"
 
 
 if __name__ == "__main__":
