@@ -9,12 +9,22 @@ arm: failures / n, median and IQR over the successful runs of best and final val
 of amplitude and phase SSIM, gradient-norm median / p99 / max, and activation mean / std per block
 versus depth at init and at the end.
 
-A run (one arm, one seed) trains in one process, so --batch-size (the global batch) is its batch;
-torchrun's processes share out the runs. A run is finished once OUT/runs/<arm>_seed<s>.json is
-written (after its weights); --resume auto keeps the finished runs and starts the others anew.
+That is the plan's Stage A. Stage B then trains the Stage A winner (among the plan's three arms:
+lowest failure rate, then lowest median best validation loss) with more channel-doubling levels on
+the same data and seeds, each level at most --max-channels wide; its runs go to OUT/stage_b/, beside
+Stage A's OUT/runs/, under names that carry the depth. Last, the plan's decision logic is applied
+to the run's own table (examples/fno/verdict.py): each fix's success condition, and the verdict
+gold / silver / pivot / undecided with its reasons, printed and written to summary.json
+("verdict"). Comparison runs keep the plan's 20-epoch cap; a run with more epochs is labelled a
+stress test.
 
-    python examples/fno_shootout.py                      # CPU default, 5 arms x 3 seeds
-    python examples/fno_shootout.py --deep               # more FNO blocks per level
+A run (one arm, one seed, one depth) trains in one process, so --batch-size (the global batch) is
+its batch; torchrun's processes share out the runs. A run is finished once its record
+(OUT/runs/<arm>_seed<s>.json, OUT/stage_b/<arm>_levels<L>_seed<s>.json) is written (after its
+weights); --resume auto keeps the finished runs and starts the others anew.
+
+    python examples/fno_shootout.py                      # CPU default: 5 arms x 3 seeds, then Stage B
+    python examples/fno_shootout.py --patch 64 --levels 4 --stage-b-levels 6,8   # the plan's geometry
     torchrun --standalone --nproc_per_node=2 examples/fno_shootout.py   # runs shared across ranks
     python examples/fno_shootout.py --resume auto        # continue an interrupted sweep
 """
@@ -26,14 +36,17 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fno.arms import ARMS, PtychoNet, classify_failure, physics_loss, reconstruction_metrics
+from fno.arms import ARMS, PtychoNet, classify_failure, deepest_levels, physics_loss, reconstruction_metrics
+from fno.report import plot, print_table, print_verdict, summarize
 from fno.sim import make_probe, simulate, stitch
+from fno.verdict import plan_verdict, stage_a_winner
 
 from blockyard.blocks import FNOBlock, StableFNOBlock, count_parameters
 from blockyard.data import write_json_atomic
@@ -47,19 +60,19 @@ from blockyard.train import (
     barrier,
     kill_point,
     main_print,
-    pyplot,
     run_config,
     seed_everything,
     setup_distributed,
-    sweep_summary,
     teardown_distributed,
     warmup_cosine,
 )
 
+EPOCH_CAP = 20  # the plan: "test/comparison runs must use <= 20 epochs unless explicitly labeled as a stress test"
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, out="runs/fno", epochs=30, batch_size=16, lr=1e-3)
+    add_common_args(p, out="runs/fno", epochs=EPOCH_CAP, batch_size=16, lr=1e-3)
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     p.add_argument("--seeds", type=int, default=3, help="runs per arm; run i uses the seed (--seed + i)")
     p.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps")
@@ -69,10 +82,17 @@ def parse_args(argv=None):
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--modes", type=int, default=8)
-    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--levels", type=int, default=3, help="Stage A's channel-doubling levels (the plan's fno_blocks)")
     p.add_argument("--blocks-per-level", type=int, default=1)
+    p.add_argument("--max-channels", type=int, default=None,
+                   help="cap on every level's width (default: Stage A's widest, hidden * 2**(levels-1), so the cap "
+                        "leaves Stage A unchanged and Stage B adds depth, not width; the plan capped at 16x hidden)")
+    p.add_argument("--stage-b-levels", default="auto",
+                   help="Stage B depths: comma-separated levels, 'none', or 'auto' = the deepest the patch holds and "
+                        "twice --levels (the plan's 6 and 8 for its 64 px patches and 4 levels)")
+    p.add_argument("--arch-fix", default="stable_zero_gamma", choices=["stable_zero_gamma", "stable_layerscale"],
+                   help="the arm the verdict judges as the plan's architectural fix (the plan: zero-gamma)")
     p.add_argument("--nphotons", type=float, default=1e9)
-    p.add_argument("--deep", action="store_true", help="stress test: 3 blocks per level (never more levels)")
     args = p.parse_args(argv)
     if args.smoke:  # tiny sizes as defaults: flags given explicitly still win
         p.set_defaults(size=40, patch=16, stride=8, hidden=4, modes=4, levels=2, epochs=2, seeds=1, batch_size=4)
@@ -80,9 +100,32 @@ def parse_args(argv=None):
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     if unknown:
         p.error(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
-    if args.deep:
-        args.blocks_per_level = max(args.blocks_per_level, 3)
+    if args.max_channels is None:
+        args.max_channels = args.hidden * 2 ** (args.levels - 1)
+    try:
+        args.stage_b, args.stage_b_infeasible = stage_b_depths(args.stage_b_levels, args.levels, args.patch)
+    except ValueError as err:
+        p.error(str(err))
     return args
+
+
+def stage_b_depths(spec: str, levels: int, patch: int) -> tuple[list[int], dict[int, str]]:
+    """Stage B's depths that ``patch`` holds, and the others with the reason (never silently dropped)."""
+    deepest = deepest_levels(patch)
+    if spec == "none":
+        wanted = []
+    elif spec == "auto":
+        wanted = sorted({deepest, 2 * levels} - set(range(levels + 1)))
+    else:
+        try:
+            wanted = sorted({int(v) for v in spec.split(",") if v.strip()})
+        except ValueError:
+            wanted = []
+        if not wanted or min(wanted) <= levels:
+            raise ValueError(f"--stage-b-levels: expected 'auto', 'none' or levels > --levels ({levels}), got {spec!r}")
+    infeasible = {d: f"{patch} px patches hold at most {deepest} levels (coarsest level at least 2x2)"
+                  for d in wanted if d > deepest}
+    return [d for d in wanted if d <= deepest], infeasible
 
 
 def loss_scale(scan, kind):
@@ -113,20 +156,36 @@ def activation_profile(model, x):
     return {name: {"mean": s.mean, "std": s.std, "abs_max": s.abs_max} for name, s in monitor.stats().items()}
 
 
-def load_record(runs, arm, seed):
+class Job(NamedTuple):
+    """One run: ``arm`` with ``seed`` at ``levels`` channel-doubling levels, in Stage "A" or "B"."""
+
+    stage: str
+    arm: str
+    seed: int
+    levels: int
+
+    def stem(self, out: Path) -> Path:
+        """Where its files go: Stage A's under OUT/runs/, Stage B's beside them under OUT/stage_b/ (depth named)."""
+        if self.stage == "A":
+            return out / "runs" / f"{self.arm}_seed{self.seed}"
+        return out / "stage_b" / f"{self.arm}_levels{self.levels}_seed{self.seed}"
+
+
+def load_record(out: Path, job: Job):
     """The record of a finished run; None if the run has not finished (no record, or an unreadable one)."""
     try:
-        return json.loads((runs / f"{arm}_seed{seed}.json").read_text())
+        return json.loads(job.stem(out).with_suffix(".json").read_text())
     except (FileNotFoundError, ValueError):
         return None
 
 
-def run_one(arm_name, seed, args, runs, device, steps_before=0):
-    """Train one arm with one seed; write its weights, then its record (which marks the run finished).
+def run_one(job: Job, args, out: Path, device, steps_before=0):
+    """Train one job; write its weights, then its record (which marks the run finished).
 
     --kill-at-step K (tests) SIGKILLs this process at its K-th optimizer step of the sweep, this run's
     steps counted after the ``steps_before`` of the runs it finished: a K past one run kills mid-sweep.
     """
+    arm_name, seed = job.arm, job.seed
     arm = ARMS[arm_name]
     gen = seed_everything(seed)
     probe = make_probe(args.patch)
@@ -136,7 +195,8 @@ def run_one(arm_name, seed, args, runs, device, steps_before=0):
     torch.manual_seed(seed)  # the same init for every arm of this seed
     rms = float(train.diffraction.square().mean().sqrt())
     scale = loss_scale(train, args.loss)
-    model = PtychoNet(arm.block, args.hidden, args.levels, args.modes, args.blocks_per_level, rms).to(device)
+    model = PtychoNet(arm.block, args.hidden, job.levels, args.modes, args.blocks_per_level, rms,
+                      max_channels=args.max_channels).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # ~4x faster step
     n = len(train.diffraction)
     total = args.epochs * math.ceil(n / args.batch_size)
@@ -177,7 +237,8 @@ def run_one(arm_name, seed, args, runs, device, steps_before=0):
     best = min(vals) if vals else math.nan
     failure = classify_failure(finite, best, vals[-1] if vals else math.nan, metrics.get("amp_cv", 0.0))
     record = {
-        "arm": arm_name, "seed": seed, "failure": failure, "params": count_parameters(model), "init_val": init_val,
+        "stage": job.stage, "arm": arm_name, "seed": seed, "levels": job.levels, "failure": failure,
+        "params": count_parameters(model), "init_val": init_val,
         "best_val": best, "final_val": vals[-1] if vals else math.nan, "curve": curve, **metrics,
         "grad_norm": {"median": float(norms.median()), "p99": float(norms.quantile(0.99)),
                       "max": float(norms.max()), "steps": len(grad_norms)},
@@ -185,7 +246,7 @@ def run_one(arm_name, seed, args, runs, device, steps_before=0):
         "stepper": stepper.state_dict(), "train_s": time.perf_counter() - start,  # stepper: steps, skips, fp16 scale
     }
     # weights first (pickle-free); the record, written last and atomically, marks the run finished
-    stem = runs / f"{arm_name}_seed{seed}"
+    stem = job.stem(out)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, f"{stem}_model.safetensors")
     save_file({"amplitude": amp.contiguous(), "phase": phase.contiguous(),
                "true_amplitude": region.abs().contiguous(), "true_phase": region.angle().contiguous()},
@@ -194,114 +255,76 @@ def run_one(arm_name, seed, args, runs, device, steps_before=0):
     return record
 
 
-def summarize(records, arm_names):
-    """Per-arm table rows: failures / n and median [IQR] over the successful runs."""
-    rows = {}
-    for arm in arm_names:
-        runs = [r for r in records if r["arm"] == arm]
-        failed = [r["failure"] is not None for r in runs]
-        row = {"n": len(runs), "failures": sum(failed), "failure_kinds": [r["failure"] for r in runs if r["failure"]]}
-        for key in ("best_val", "final_val", "amp_ssim", "phase_ssim", "amp_mae", "phase_mae"):
-            row[key] = sweep_summary([r.get(key) for r in runs], failed)._asdict()
-        # gradient-norm statistics over the successful runs (a diverged run's are NaN/inf)
-        pooled = [r["grad_norm"] for r, f in zip(runs, failed) if not f] or [r["grad_norm"] for r in runs]
-        row["grad_norm"] = {k: float(torch.tensor([g[k] for g in pooled]).median()) for k in ("median", "p99", "max")}
-        for when in ("activations_init", "activations_end"):
-            blocks = [b for b in (runs[0][when] if runs else {})]
-            row[when] = {b: {s: float(torch.tensor([r[when][b][s] for r in runs if b in r[when]]).mean())
-                             for s in ("mean", "std")} for b in blocks}
-        rows[arm] = row
-    return rows
-
-
-def print_table(rows, file=sys.stdout):
-    def cell(s):
-        return "-" if math.isnan(s["median"]) else f"{s['median']:.4f} [{s['q25']:.4f}, {s['q75']:.4f}]"
-
-    head = (f"{'arm':<18} {'fail':>5}  {'best val':<26} {'final val':<26} {'amp SSIM':<26} {'phase SSIM':<26} "
-            "grad med/p99/max")
-    print(head, file=file)
-    print("-" * len(head), file=file)
-    for arm, r in rows.items():
-        g = r["grad_norm"]
-        print(f"{arm:<18} {r['failures']}/{r['n']:<3}  {cell(r['best_val']):<26} {cell(r['final_val']):<26} "
-              f"{cell(r['amp_ssim']):<26} {cell(r['phase_ssim']):<26} "
-              f"{g['median']:.3g}/{g['p99']:.3g}/{g['max']:.3g}", file=file)
-    for stat in ("mean", "std"):
-        print(f"\nactivation {stat} per block vs depth (init -> end, mean over seeds):", file=file)
-        for arm, r in rows.items():
-            end = r["activations_end"]
-            pairs = [f"{r['activations_init'][b][stat]:.3g}->{end.get(b, {}).get(stat, math.nan):.3g}"
-                     for b in r["activations_init"]]
-            print(f"  {arm:<18} " + "  ".join(pairs), file=file)
-
-
-def plot(records, rows, run):
-    if (plt := pyplot()) is None:
-        print("matplotlib not installed: skipping plots (pip install blockyard[examples])")
-        return
-    arms = list(rows)
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3), sharey=True, squeeze=False)
-    for ax, arm in zip(axes[0], arms):
-        for r in (r for r in records if r["arm"] == arm):
-            ax.plot([c["epoch"] for c in r["curve"]], [c["val_loss"] for c in r["curve"]],
-                    color="C3" if r["failure"] else "C0", lw=1)
-        ax.set_title(arm, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_yscale("log")
-    axes[0][0].set_ylabel("validation loss")
-    fig.tight_layout()
-    fig.savefig(run.file("loss_curves.png"), dpi=100)
-    plt.close(fig)
-    first = {arm: min((r for r in records if r["arm"] == arm), key=lambda r: r["seed"]) for arm in arms}
-    fig, axes = plt.subplots(2, len(arms) + 1, figsize=(2.4 * (len(arms) + 1), 5), squeeze=False)
-    for j, arm in enumerate(arms):
-        rec = load_file(str(run.path / "runs" / f"{arm}_seed{first[arm]['seed']}_recon.safetensors"))
-        if j == 0:
-            axes[0][0].imshow(rec["true_amplitude"], cmap="gray")
-            axes[1][0].imshow(rec["true_phase"], cmap="twilight")
-            axes[0][0].set_title("ground truth", fontsize=9)
-        axes[0][j + 1].imshow(rec["amplitude"], cmap="gray")
-        axes[1][j + 1].imshow(rec["phase"], cmap="twilight")
-        axes[0][j + 1].set_title(arm, fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(run.file("reconstructions.png"), dpi=100)
-    plt.close(fig)
+def sweep(stage: str, jobs: list[Job], args, run: RunDir, info, steps: int) -> tuple[list[dict], int]:
+    """Train the unfinished ``jobs``, shared out over the ranks; every job's record, on every rank."""
+    todo = [j for j in jobs if not run.resumed or load_record(run.path, j) is None]
+    barrier()  # every rank has listed the finished runs before any rank adds one
+    mine = todo[info.rank::info.world_size]
+    main_print(info.is_main)(f"Stage {stage}: {len(jobs)} runs ({len(jobs) - len(todo)} already done), "
+                             f"{info.world_size} process(es); out: {run.path}")
+    with Dashboard(total=max(1, len(mine)), every_s=0 if args.smoke else 30, is_main=info.is_main) as dash:
+        for k, job in enumerate(mine):
+            r = run_one(job, args, run.path, info.device, steps)
+            steps += r["stepper"]["steps"]
+            dash.update(k + 1, arm=job.arm, levels=job.levels, seed=job.seed, best_val=r["best_val"],
+                        failure=r["failure"] or "none")
+    barrier()
+    return [load_record(run.path, j) for j in jobs], steps
 
 
 def main(argv=None):
     args = parse_args(argv)
     info = setup_distributed()
-    run = RunDir(args.out, run_config(args), resume=args.resume, overwrite=args.overwrite)
+    run = RunDir(args.out, run_config(args, ignore=("stage_b", "stage_b_infeasible")), resume=args.resume,
+                 overwrite=args.overwrite)
     say = main_print(info.is_main)
-    runs = run.file("runs")
-    runs.mkdir(exist_ok=True)  # on every rank: each writes the runs it trains
-    arm_names = args.arms.split(",")
-    jobs = [(a, args.seed + i) for i in range(args.seeds) for a in arm_names]
-    todo = [j for j in jobs if not run.resumed or load_record(runs, *j) is None]
-    barrier()  # every rank has listed the finished runs before any rank adds one
-    mine, steps = todo[info.rank::info.world_size], 0
+    for folder in ("runs", "stage_b"):  # on every rank: each writes the runs it trains
+        run.file(folder).mkdir(exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads() // info.world_size))
-    say(f"FNO shootout: {len(arm_names)} arms x {args.seeds} seeds = {len(jobs)} runs "
-        f"({len(jobs) - len(todo)} already done), {info.world_size} process(es); out: {run.path}")
-    with Dashboard(total=max(1, len(mine)), every_s=0 if args.smoke else 30, is_main=info.is_main) as dash:
-        for k, (arm, seed) in enumerate(mine):
-            r = run_one(arm, seed, args, runs, info.device, steps)
-            steps += r["stepper"]["steps"]
-            dash.update(k + 1, arm=arm, seed=seed, best_val=r["best_val"], failure=r["failure"] or "none")
-    barrier()
+    stress = args.epochs > EPOCH_CAP
+    kind = f"STRESS TEST ({args.epochs} epochs > the plan's {EPOCH_CAP}-epoch cap)" if stress else "comparison run"
+    say(f"FNO shootout, {kind}: {len(args.arms.split(','))} arms x {args.seeds} seeds at {args.levels} levels, "
+        f"widths capped at {args.max_channels}")
+
+    # --- Stage A: every arm, every seed -------------------------------------------------------------
+    arm_names = args.arms.split(",")
+    seeds = [args.seed + i for i in range(args.seeds)]
+    records, steps = sweep("A", [Job("A", a, s, args.levels) for s in seeds for a in arm_names], args, run, info, 0)
+    rows = summarize(records, arm_names)
+
+    # --- Stage B: the Stage A winner at more channel-doubling levels, same data and seeds --------------
+    plan_arms = ("hybrid", args.arch_fix, "hybrid_agc")
+    winner = stage_a_winner(rows, plan_arms)
+    depths = args.stage_b if winner else []
+    if winner is None:
+        say(f"Stage B: not run, --arms holds none of the plan's arms {plan_arms}")
+    for depth, why in args.stage_b_infeasible.items():
+        say(f"Stage B at {depth} levels: not run, {why}")
+    deep, steps = sweep("B", [Job("B", winner, s, d) for d in depths for s in seeds], args, run, info, steps)
+    deep_rows = {d: summarize([r for r in deep if r["levels"] == d], [winner])[winner] for d in depths}
+
+    # --- the plan's verdict and the report --------------------------------------------------------------
+    verdict = plan_verdict(rows, deep_rows, stage_b_arm=winner, arch=args.arch_fix)
     if info.is_main:
-        records = [load_record(runs, a, s) for a, s in jobs]
         with run.metrics_log("metrics.jsonl") as log:  # rebuilt from the records on every (resumed) run
-            for r in records:
+            for r in records + deep:
                 for c in r["curve"]:
-                    log.log(c["step"], arm=r["arm"], seed=r["seed"], **{k: v for k, v in c.items() if k != "step"})
-        rows = summarize(records, arm_names)
-        run.write_json("summary.json", {"arms": {a: ARMS[a].description for a in arm_names}, "table": rows,
-                                        "params": {r["arm"]: r["params"] for r in records}})
+                    log.log(c["step"], stage=r["stage"], arm=r["arm"], levels=r["levels"], seed=r["seed"],
+                            **{k: v for k, v in c.items() if k != "step"})
+        run.write_json("summary.json", {
+            "run_kind": "stress test" if stress else "comparison", "epochs": args.epochs,
+            "arms": {a: ARMS[a].description for a in arm_names}, "table": rows,
+            "params": {r["arm"]: r["params"] for r in records},
+            "stage_b": {"arm": winner, "levels": deep_rows, "params": {r["levels"]: r["params"] for r in deep},
+                        "not_run": args.stage_b_infeasible},
+            "verdict": {**verdict._asdict(), "checks": [c._asdict() for c in verdict.checks]}})
         print_table(rows)
+        if deep_rows:
+            print(f"\nStage B: {winner} at more levels (widths capped at {args.max_channels})")
+            print_table({f"{winner} @{d} levels": row for d, row in deep_rows.items()})
+        print_verdict(verdict)
+        if stress:
+            print(f"(a stress test: {args.epochs} epochs exceed the plan's {EPOCH_CAP}-epoch cap for comparison runs)")
         plot(records, rows, run)
         print(f"wrote {run.path / 'summary.json'}, {run.path / 'metrics.jsonl'} and PNG plots")
     run.finish()

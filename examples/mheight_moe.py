@@ -13,17 +13,27 @@ models in order and evaluates every one per group on validation and test:
 
     python examples/mheight_moe.py                                   # resnet, then the MoE from it
     python examples/mheight_moe.py --models fcn,resnet,vit,moe       # the seed's four families
+    python examples/mheight_moe.py --models fcn,moe --experts fcn --gate soft   # FCN experts from the FCN
+    python examples/mheight_moe.py --models moe --experts fcn --gate hard       # one FCN per (n, k)
+    python examples/mheight_moe.py --top-k 1 --learn-temperature 1   # top-1 gate, learned temperature
+    python examples/mheight_moe.py --study fcn                       # the seed's FCN grid search, as a table
     torchrun --standalone --nproc_per_node=2 examples/mheight_moe.py --resume auto
 
-Defaults: --epochs 15 (every non-MoE model), --batch-size 512 global; --smoke: 2 epochs, batch 64,
+The MoE (--experts resnet|fcn, --gate hard|soft|topk, --top-k, --learn-temperature): when its
+expert family was trained earlier in --models, every expert starts as a copy of that model and
+the MoE is fine-tuned (--moe-epochs at --moe-lr); otherwise its experts start fresh and it trains
+like any model (--epochs at --lr). --input-scaling none feeds P, log2|P| and (n, k, m) raw (the
+seed's best ResNet used no normalisation).
+
+Defaults: --epochs 15 (every model trained from scratch), --batch-size 512 global; --smoke: 2 epochs, batch 64,
 40 codes per (n, k), 8 channels x 1 block. Models predict log2 h standardised by the training mean
 and std, so the loss is the Log2-MSE up to a constant factor. Writes to --out: data/ (unless
---data), <model>/metrics.jsonl and checkpoints, summary.json and groups.png (per-group Log2-MSE).
+--data), <model>/metrics.jsonl and checkpoints (study/<config>/ under --study), summary.json and
+groups.png (per-group Log2-MSE).
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,11 +44,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mheight.build_data import build
-from mheight.heights import GROUPS
-from mheight.models import MODELS, ResNetMoE, augment, build_model, encode
+from mheight.evaluate import Split, group_mean_baseline, group_table, per_group_log2_mse, plot_groups, routing
+from mheight.models import EXPERTS, GATES, MODELS, SCALINGS, MoE, augment, build_model, encode
+from mheight.study import grid, ints, study_table
 
 from blockyard.blocks import count_parameters
-from blockyard.data import ShardDataset, rank_batches
+from blockyard.data import rank_batches
 from blockyard.train import Dashboard, EarlyStopping, RunDir, Stepper, autocast, seed_everything, warmup_cosine
 from blockyard.train.cli import add_common_args, kill_point, main_print, per_rank_batch, pyplot, run_config
 from blockyard.train.distributed import barrier, broadcast_buffers, setup_distributed, teardown_distributed, wrap_ddp
@@ -66,6 +77,24 @@ def parse_args(argv=None):
     p.add_argument("--blocks", type=int, default=None, help="ResNet blocks (default 3, 1 smoke; seed: 5 best)")
     p.add_argument("--patience", type=int, default=8, help="early stopping on validation Log2-MSE")
     p.add_argument("--workers", type=int, default=1, help="dataset build processes (1 is fastest on 2 cores)")
+    p.add_argument("--fcn-widths", type=ints, default=(512, 256, 128), help="FCN hidden widths (seed's best)")
+    p.add_argument("--fcn-dropout", type=float, default=0.3, help="FCN dropout (seed's best)")
+    p.add_argument("--input-scaling", default="standard", choices=SCALINGS,
+                   help="standard: P / 100, log2|P| / 7, centred (n, k, m); none: all raw (the seed's best ResNet)")
+    g = p.add_argument_group("mixture of experts (six experts, gated by (n, k))")
+    g.add_argument("--experts", default="resnet", choices=EXPERTS, help="expert family")
+    g.add_argument("--gate", default="topk", choices=GATES,
+                   help="hard: one expert per (n, k); soft: dense softmax blend; topk: sparse top-k")
+    g.add_argument("--top-k", type=int, default=2, choices=range(1, 7), metavar="{1..6}",
+                   help="experts per row of the topk gate (seed: 2 best, 1 tried)")
+    g.add_argument("--learn-temperature", type=int, default=0, choices=[0, 1],
+                   help="topk gate: divide its logits by a learned temperature (1 at init)")
+    g = p.add_argument_group("FCN study (the seed's grid search of widths, dropout and learning rate)")
+    g.add_argument("--study", default=None, choices=["fcn"],
+                   help="train one FCN per grid point instead of --models and print the table")
+    g.add_argument("--grid-widths", default="128,64,32;512,256,128", help="';'-separated width lists")
+    g.add_argument("--grid-dropout", default="0,0.3", help="comma-separated dropouts")
+    g.add_argument("--grid-lr", default="5e-4,1e-3", help="comma-separated learning rates")
     args = p.parse_args(argv)
     for key, (full, smoke) in SIZES.items():
         if getattr(args, key) is None:
@@ -74,49 +103,23 @@ def parse_args(argv=None):
     bad = [m for m in args.models if m not in MODELS]
     if bad or not args.models:
         p.error(f"--models: expected names from {MODELS}, got {bad or args.models}")
+    if args.learn_temperature and args.gate != "topk":
+        p.error(f"--learn-temperature 1: only the topk gate has a temperature, got --gate {args.gate}")
+    try:
+        args.grid = grid(args.grid_widths, args.grid_dropout, args.grid_lr) if args.study else []
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
-class Split:
-    """One split in memory: raw padded P (N, 6, 6), its true shape (N, 2), side (N, 3), z (N,), group (N,)."""
-
-    def __init__(self, folder: Path, device: torch.device, mean: float | None = None, std: float | None = None):
-        ds = ShardDataset(folder)
-        self.log2h = ds.column("target").double().log2()
-        self.mean = float(self.log2h.mean()) if mean is None else mean
-        self.std = float(self.log2h.std()) if std is None else std
-        self.matrix = ds.column("matrix").float().to(device)
-        self.shape = ds.column("shape").long().to(device)  # true (k, n - k), for the augmentation
-        self.side = ds.column("side").float().to(device)
-        self.z = ((self.log2h - self.mean) / self.std).float().to(device)
-        self.group = ds.column("group").long().to(device)
-        self.n = len(ds)
-
-
-def group_means(values: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(n, k, m) mean of ``values`` (float64, 0 for an empty group) and each group's row count."""
-    group = group.cpu()
-    counts = torch.bincount(group, minlength=len(GROUPS)).double()
-    sums = torch.zeros(len(GROUPS), dtype=torch.float64).index_add_(0, group, values.double().cpu())
-    return sums / counts.clamp_min(1), counts
-
-
-def per_group_log2_mse(pred_log2h: torch.Tensor, split: Split) -> dict:
-    """Overall and per-(n, k, m) Log2-MSE of predictions of log2 h (float64)."""
-    err = (pred_log2h.double().cpu() - split.log2h).square()
-    means, counts = group_means(err, split.group)
-    return {"overall": float(err.mean()),
-            "groups": {str(g): float(m) for g, m, c in zip(GROUPS, means, counts) if c > 0}}
-
-
-def predict(model: nn.Module, split: Split, device: torch.device, precision: str) -> torch.Tensor:
+def predict(model: nn.Module, split: Split, device: torch.device, precision: str, scaling: str) -> torch.Tensor:
     """log2 h predicted for every row of ``split`` (model in eval mode), sharded over the ranks, on every rank."""
     model.eval()
     broadcast_buffers(model)  # DDP leaves each rank its own BatchNorm running stats: evaluate rank 0's everywhere
 
     def rows_log2h(rows: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
-            return model(*encode(split.matrix[rows], split.side[rows])).value.float()
+            return model(*encode(split.matrix[rows], split.side[rows], scaling)).value.float()
 
     return predict_rows(rows_log2h, split.n, batch_size=4096, device=device) * split.std + split.mean
 
@@ -129,7 +132,7 @@ def train_model(name: str, model: nn.Module, train: Split, val: Split, epochs: i
     """
     device, say = info.device, main_print(info.is_main)
     # Sparse experts leave some parameters without a gradient on a step: DDP must be told.
-    ddp = wrap_ddp(model, info, find_unused_parameters=isinstance(model, ResNetMoE))
+    ddp = wrap_ddp(model, info, find_unused_parameters=isinstance(model, MoE) and model.sparse)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     per_rank = per_rank_batch(args.batch_size, info.world_size)
@@ -163,16 +166,15 @@ def train_model(name: str, model: nn.Module, train: Split, val: Split, epochs: i
             step_lr = stepper.lr  # the lr this step uses (the schedule moves on after it)
             with stepper.micro_batch(i) as mb:
                 matrix = augment(train.matrix[rows], train.shape[rows], aug_gen) if args.augment else train.matrix[rows]
-                x, side = encode(matrix, train.side[rows])
                 with autocast(device, args.precision):
-                    pred = ddp(x, side)
+                    pred = ddp(*encode(matrix, train.side[rows], args.input_scaling))
                 loss = (pred.value.float() - train.z[rows]).square().mean()
                 stepper.backward(loss + args.aux_weight * pred.aux_loss)
             if mb.step and stepper.step():
                 kill_point(args.kill_at_step, steps_before + stepper.steps)
             loss_sum += loss.detach().double()
             dash.update(stepper.steps, epoch=epoch, loss=loss.detach())
-        val_metrics = per_group_log2_mse(predict(model, val, device, args.precision), val)
+        val_metrics = per_group_log2_mse(predict(model, val, device, args.precision, args.input_scaling), val)
         record = {"epoch": epoch, "opt_step": stepper.steps,
                   "train_log2_mse": float(loss_sum) / steps_per_epoch * train.std**2,
                   "val_log2_mse": val_metrics["overall"], "lr": step_lr, "time_s": time.perf_counter() - t0}
@@ -189,32 +191,82 @@ def train_model(name: str, model: nn.Module, train: Split, val: Split, epochs: i
             "epochs_run": len(records), "optimizer_steps": stepper.steps, "train_time_s": time.perf_counter() - t0}
 
 
-def group_mean_baseline(train: Split, split: Split) -> torch.Tensor:
-    """Predict each (n, k, m) group's training mean of log2 h."""
-    return group_means(train.log2h, train.group)[0][split.group.cpu()]
+def moe_record(model: MoE, args, backbone: str | None, val: Split) -> dict:
+    """What the MoE was (gate, experts, initialisation) and how it routes validation rows."""
+    temperature = getattr(model.moe.gate, "log_temperature", None)
+    return {"experts": args.experts, "gate": args.gate, "top_k": args.top_k if args.gate == "topk" else None,
+            "initialised_from": backbone, "routing_val": routing(model, val, args.input_scaling),
+            "temperature": None if temperature is None else float(temperature.detach().exp())}
 
 
-def plot_groups(plt, results: dict, path: Path) -> Path:
-    """Bar chart of validation Log2-MSE per (n, k, m) group for every model."""
-    names = list(results)
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(14, 4))
-    for i, name in enumerate(names):
-        values = [results[name]["val"]["groups"].get(str(g), math.nan) for g in GROUPS]
-        ax.bar([j + i * width for j in range(len(GROUPS))], values, width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(GROUPS))], [str(g) for g in GROUPS], rotation=60)
-    ax.set_ylabel("validation Log2-MSE")
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+def describe_moe(args, backbone: str | None) -> str:
+    gate = args.gate
+    if gate == "topk":
+        gate = f"top-{args.top_k}" + (" (learned temperature)" if args.learn_temperature else "")
+    start = f"every expert a copy of the trained {backbone}" if backbone else "experts from scratch"
+    return f"moe: 6 {args.experts} experts, {gate} gate, {start}"
+
+
+def train_and_evaluate(name, model, epochs, lr, splits, args, info, run, steps_done) -> dict:
+    """Train one model (``train_model``), then its per-group Log2-MSE on validation and test."""
+    train, val, test = splits
+    record = train_model(name, model, train, val, epochs, lr, args, info, run, steps_done)
+    for split_name, split in (("val", val), ("test", test)):
+        record[split_name] = per_group_log2_mse(predict(model, split, info.device, args.precision,
+                                                        args.input_scaling), split)
+    main_print(info.is_main)(f"{name}: {record['parameters']:,} parameters, best epoch {record['best_epoch']}, val "
+                             f"Log2-MSE {record['val']['overall']:.4f}, test {record['test']['overall']:.4f} "
+                             f"({record['train_time_s']:.0f} s)")
+    return record
+
+
+def train_study(args, splits, info, run) -> list[dict]:
+    """The seed's FCN search: one FCN per grid point, each from the same seed; one record per point."""
+    study, steps_done = [], 0
+    for point in args.grid:
+        torch.manual_seed(args.seed)
+        model = build_model("fcn", fcn_widths=point.widths, fcn_dropout=point.dropout).to(info.device)
+        record = train_and_evaluate(f"study/{point.name}", model, args.epochs, point.lr, splits, args, info, run,
+                                    steps_done)
+        steps_done += record["optimizer_steps"]
+        study.append({**point._asdict(), **record})
+    return study
+
+
+def train_models(args, splits, info, run) -> dict[str, dict]:
+    """Every model of --models in order; the MoE starts from its expert family's model when one was trained."""
+    say, results, trained, steps_done = main_print(info.is_main), {}, {}, 0
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        backbone = args.experts if name == "moe" and args.experts in trained else None
+        gate = {"gate": args.gate, "k": args.top_k, "learn_temperature": bool(args.learn_temperature)}
+        if backbone:  # the seed's recipe: every expert a copy of the trained model, then fine-tuned together
+            model, epochs, lr = MoE.from_backbone(trained[backbone].net, **gate), args.moe_epochs, args.moe_lr
+        else:
+            model = build_model(name, args.channels, args.blocks, fcn_widths=args.fcn_widths,
+                                fcn_dropout=args.fcn_dropout, experts=args.experts, **gate)
+            epochs, lr = args.epochs, args.lr
+        if name == "moe":
+            say(describe_moe(args, backbone))
+        model = model.to(info.device)
+        record = train_and_evaluate(name, model, epochs, lr, splits, args, info, run, steps_done)
+        steps_done += record["optimizer_steps"]
+        if name == "moe":
+            record.update(moe_record(model, args, backbone, splits[1]))
+            say("moe routing, mean gate weight per expert on validation rows: " + "; ".join(
+                f"{nk} {' '.join(f'{w:.2f}' for w in ws)}" for nk, ws in record["routing_val"].items())
+                + ("" if record["temperature"] is None else f"; temperature {record['temperature']:.3f}"))
+        trained[name] = model
+        results[name] = record
+    return results
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = setup_distributed()
     per_rank_batch(args.batch_size, info.world_size)  # a global batch that does not divide fails before any write
-    run = RunDir(args.out, run_config(args, ignore=("data", "workers")), resume=args.resume, overwrite=args.overwrite)
+    run = RunDir(args.out, run_config(args, ignore=("data", "workers", "grid")), resume=args.resume,
+                 overwrite=args.overwrite)
     device, is_main = info.device, info.is_main
     say = main_print(is_main)
     seed_everything(args.seed)  # every rank builds the same initial weights
@@ -230,49 +282,26 @@ def main(argv=None) -> None:
     val = Split(data_dir / "val", device, train.mean, train.std)
     test = Split(data_dir / "test", device, train.mean, train.std)
     say(f"rows: train {train.n}, val {val.n}, test {test.n} (split by code); log2 h mean {train.mean:.2f} "
-        f"std {train.std:.2f}; world {info.world_size} on {device}, {args.precision}")
+        f"std {train.std:.2f}; world {info.world_size} on {device}, {args.precision}, {args.input_scaling} inputs")
 
-    # --- baseline and models --------------------------------------------------------------------
-    results = {"group mean": {"val": per_group_log2_mse(group_mean_baseline(train, val), val),
-                              "test": per_group_log2_mse(group_mean_baseline(train, test), test)}}
-    trained: dict[str, nn.Module] = {}
-    steps_done = 0
-    for name in args.models:
-        torch.manual_seed(args.seed)
-        if name == "moe" and "resnet" in trained:  # the seed's recipe: every expert a copy of the ResNet
-            model = ResNetMoE.from_backbone(trained["resnet"].net)
-        else:
-            model = build_model(name, args.channels, args.blocks)
-        model = model.to(device)
-        epochs, lr = (args.moe_epochs, args.moe_lr) if name == "moe" else (args.epochs, args.lr)
-        record = train_model(name, model, train, val, epochs, lr, args, info, run, steps_done)
-        steps_done += record["optimizer_steps"]
-        trained[name] = model
-        record["val"] = per_group_log2_mse(predict(model, val, device, args.precision), val)
-        record["test"] = per_group_log2_mse(predict(model, test, device, args.precision), test)
-        results[name] = record
-        say(f"{name}: {record['parameters']:,} parameters, best epoch {record['best_epoch']}, val Log2-MSE "
-            f"{record['val']['overall']:.4f}, test {record['test']['overall']:.4f} "
-            f"({record['train_time_s']:.0f} s)")
+    # --- baseline, then the FCN study or the models ----------------------------------------------
+    baseline = {"val": per_group_log2_mse(group_mean_baseline(train, val), val),
+                "test": per_group_log2_mse(group_mean_baseline(train, test), test)}
+    if args.study:
+        study = train_study(args, (train, val, test), info, run)
+        table, results = study_table(study, baseline), {"study": study, "group mean": baseline}
+    else:
+        results = {"group mean": baseline, **train_models(args, (train, val, test), info, run)}
+        table, results = group_table(results), {"results": results}
 
     # --- report -----------------------------------------------------------------------------------
     if is_main:
-        names = list(results)
-        header = f"{'(n,k,m)':<12}" + "".join(f"{n:>12}" for n in names)
-        lines = ["validation Log2-MSE per group (lower is better)", header, "-" * len(header)]
-        for g in GROUPS:
-            cells = [results[n]["val"]["groups"].get(str(g), math.nan) for n in names]
-            lines.append(f"{g!s:<12}" + "".join(f"{c:>12.3f}" for c in cells))
-        lines.append("-" * len(header))
-        for split in ("val", "test"):
-            lines.append(f"{split + ' all':<12}" + "".join(f"{results[n][split]['overall']:>12.4f}" for n in names))
-        table = "\n".join(lines)
         print("\n" + table)
         summary = {"world_size": info.world_size, "device": str(device),
                    "rows": {"train": train.n, "val": val.n, "test": test.n},
-                   "log2h": {"mean": train.mean, "std": train.std}, "results": results, "table": table}
-        if (plt := pyplot()) is not None:
-            summary["plots"] = [str(plot_groups(plt, results, run.file("groups.png")))]
+                   "log2h": {"mean": train.mean, "std": train.std}, **results, "table": table}
+        if not args.study and (plt := pyplot()) is not None:
+            summary["plots"] = [str(plot_groups(plt, results["results"], run.file("groups.png")))]
         print(f"\nwrote {run.write_json('summary.json', summary)}")
     run.finish()
     teardown_distributed()

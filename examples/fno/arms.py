@@ -13,7 +13,8 @@ from blockyard.losses import ssim
 
 from .sim import diffract
 
-__all__ = ["ARMS", "Arm", "PtychoNet", "Reconstruction", "classify_failure", "physics_loss", "reconstruction_metrics"]
+__all__ = ["ARMS", "Arm", "PtychoNet", "Reconstruction", "classify_failure", "deepest_levels", "physics_loss",
+           "reconstruction_metrics"]
 
 
 class Arm(NamedTuple):
@@ -36,6 +37,17 @@ ARMS: dict[str, Arm] = {
 }
 
 
+def deepest_levels(patch: int) -> int:
+    """The most channel-doubling levels a ``patch`` px input holds: ``levels - 1`` halvings leaving at least 2x2.
+
+    (``HybridUNO`` refuses deeper ones; the seed's 8 levels on 64 px patches would end below one pixel.)
+    """
+    levels = 1
+    while patch % 2**levels == 0 and patch // 2**levels >= 2:
+        levels += 1
+    return levels
+
+
 class Reconstruction(NamedTuple):
     """Model output: object amplitude in (0, 1) and phase in (-pi, pi), each ``(B, n, n)``."""
 
@@ -47,14 +59,16 @@ class PtychoNet(nn.Module):
     """Diffraction amplitude -> complex object patch with a :class:`HybridUNO` core.
 
     The input is divided by a fixed ``input_scale`` (the training set's RMS); the two output
-    channels become ``amplitude = sigmoid(c0)`` and ``phase = pi * tanh(c1)``.
+    channels become ``amplitude = sigmoid(c0)`` and ``phase = pi * tanh(c1)``. ``levels`` are
+    the core's channel-doubling levels (the plan's ``fno_blocks``), each at most ``max_channels``
+    wide.
     """
 
     def __init__(self, block: Callable[[int, int], nn.Module], hidden: int, levels: int, modes: int,
-                 blocks_per_level: int = 1, input_scale: float = 1.0) -> None:
+                 blocks_per_level: int = 1, input_scale: float = 1.0, max_channels: int | None = None) -> None:
         super().__init__()
         self.core = HybridUNO(1, 2, hidden=hidden, levels=levels, modes=modes, block=block,
-                              blocks_per_level=blocks_per_level)
+                              blocks_per_level=blocks_per_level, max_channels=max_channels)
         self.register_buffer("input_scale", torch.tensor(float(input_scale)))
 
     def forward(self, diffraction: torch.Tensor) -> Reconstruction:

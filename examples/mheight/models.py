@@ -1,18 +1,22 @@
 """The m-height regressors, assembled from blockyard blocks.
 
-Every model maps ``(P, side)`` to a prediction of ``log2(h_m)``, standardised by the training
-set's mean and std (the script undoes it). ``P`` is the zero-padded ``(6, 6)`` parity part of
-``G = [I_k | P]`` and ``side`` is ``(n, k, m)``. :func:`encode` scales both to O(1) and adds a
-``log2|P|`` channel (the seed fed raw ``P``, entries up to 100, and raw ``(n, k, m)``), and
+Every model maps ``(x, side, key)`` (from :func:`encode`) to a prediction of ``log2(h_m)``,
+standardised by the training set's mean and std (the script undoes it). ``P`` is the
+zero-padded ``(6, 6)`` parity part of ``G = [I_k | P]`` and ``side`` is ``(n, k, m)``.
+:func:`encode` adds a ``log2|P|`` channel and, with ``scaling="standard"``, scales both channels
+and the side to O(1) (``scaling="none"`` feeds them raw, as the seed's best ResNet did), and
 :func:`augment` draws a random symmetry of the heights for training.
 
-- ``fcn``: the seed's FCN, ``MLP(2 * 36 + 3 -> 512 -> 256 -> 128 -> 1)`` with dropout 0.3.
+- ``fcn``: the seed's FCN, ``MLP(2 * 36 + 3 -> 512 -> 256 -> 128 -> 1)`` with dropout 0.3
+  (widths and dropout are arguments).
 - ``resnet``: ``ResNet2d`` with side parameters (the seed's best is 64 channels x 5 blocks; the
   script's CPU default 32 x 3 is its baseline), its 6x6 map flattened (``pool_size=6``) as in
   the seed.
 - ``vit``: ``ViT2d`` with 3x3 patches, 4 layers of width 128, 8 heads (the seed's ViT).
-- ``moe``: the seed's best model: a sparse top-2 mixture of ResNet experts, every expert a copy
-  of one trained ResNet, gated by ``(n, k)`` only (:class:`ResNetMoE`).
+- ``moe``: a mixture of six FCN or ResNet experts gated by ``(n, k)`` only (:class:`MoE`): a hard
+  gate (one expert per code shape, the seed's first MoEs), a dense soft gate (its FCN MoE) or a
+  sparse top-k gate (its best model: top-2 ResNet experts, each a copy of one trained ResNet),
+  optionally with a learned temperature.
 """
 from __future__ import annotations
 
@@ -22,30 +26,53 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from blockyard.blocks import MLP, MixtureOfExperts, ResNet2d, TopKGate, ViT2d
+from blockyard.blocks import MLP, KeyGate, MixtureOfExperts, ResNet2d, SoftGate, TopKGate, ViT2d
 
-__all__ = ["MODELS", "Prediction", "ResNetMoE", "augment", "build_model", "encode"]
+from .heights import NK
+
+__all__ = ["EXPERTS", "GATES", "MODELS", "SCALINGS", "Features", "FlatMLP", "MoE", "Prediction", "augment",
+           "build_expert", "build_model", "encode"]
 
 MODELS = ("fcn", "resnet", "vit", "moe")
+EXPERTS = ("resnet", "fcn")
+GATES = ("hard", "soft", "topk")
+SCALINGS = ("standard", "none")
+FCN_WIDTHS = (512, 256, 128)
 _SIDE_CENTER = (9.5, 5.0, 4.0)
 _SIDE_SCALE = (0.5, 1.0, 2.0)
 
 
-def encode(matrix: torch.Tensor, side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw padded P ``(B, 6, 6)`` and ``(n, k, m)`` ``(B, 3)`` -> ``(B, 2, 6, 6)`` features and a centred side.
+class Features(NamedTuple):
+    """A model's input: ``x (B, 2, R, C)``, ``side (B, 3)``, and ``key (B,)``, the code shape's index in ``NK``."""
 
-    Channel 0 is ``P / 100``; channel 1 is ``log2|P| / 7`` (0 on the padding). Heights are ratios
-    of codeword magnitudes, so the log channel turns their multiplicative structure additive:
-    without it a 32x3 ResNet stayed at the group-mean baseline's validation Log2-MSE (1.36) for
-    5 epochs; with it, it reached 1.28 after 4.
+    x: torch.Tensor
+    side: torch.Tensor
+    key: torch.Tensor
+
+
+def encode(matrix: torch.Tensor, side: torch.Tensor, scaling: str = "standard") -> Features:
+    """Raw padded P ``(B, 6, 6)`` and ``(n, k, m)`` ``(B, 3)`` -> the models' :class:`Features`.
+
+    Channel 0 is ``P``, channel 1 ``log2|P|`` (0 on the padding). Heights are ratios of codeword
+    magnitudes, so the log channel turns their multiplicative structure additive: without it a
+    32x3 ResNet stayed at the group-mean baseline's validation Log2-MSE (1.36) for 5 epochs; with
+    it, it reached 1.28 after 4. ``scaling="standard"`` divides the channels by 100 and 7 (the
+    seed's optional ``Normalize(std=100)``) and centres the side; ``"none"`` leaves P (entries
+    up to 100), ``log2|P|`` and ``(n, k, m)`` raw, as the seed's best ResNet saw them. ``key`` is
+    ``NK.index((n, k))``, for the hard gate.
     """
     if matrix.dim() != 3 or side.dim() != 2 or side.shape[1] != 3 or side.shape[0] != matrix.shape[0]:
         raise ValueError(f"matrix, side: expected (B, K, N) and (B, 3), got {tuple(matrix.shape)} and "
                          f"{tuple(side.shape)}")
-    log_mag = torch.where(matrix != 0, torch.log2(matrix.abs().clamp_min(1e-6)) / 7.0, torch.zeros_like(matrix))
-    center = side.new_tensor(_SIDE_CENTER)
-    scale = side.new_tensor(_SIDE_SCALE)
-    return torch.stack([matrix / 100.0, log_mag], dim=1), (side - center) / scale
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
+    log_mag = torch.where(matrix != 0, torch.log2(matrix.abs().clamp_min(1e-6)), torch.zeros_like(matrix))
+    n, k = side[:, 0].round().long(), side[:, 1].round().long()
+    key = (n - NK[0][0]) * 3 + (k - NK[0][1])  # NK is n-major over k = 4, 5, 6
+    if scaling == "none":
+        return Features(torch.stack([matrix, log_mag], dim=1), side, key)
+    center, scale = side.new_tensor(_SIDE_CENTER), side.new_tensor(_SIDE_SCALE)
+    return Features(torch.stack([matrix / 100.0, log_mag / 7.0], dim=1), (side - center) / scale, key)
 
 
 def augment(matrix: torch.Tensor, shape: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -84,58 +111,100 @@ class Prediction(NamedTuple):
     aux_loss: torch.Tensor
 
 
+class FlatMLP(nn.Module):
+    """The seed's FCN input: ``MLP(cat(flatten(x), side))``; ``(x, side) -> (B, 1)`` like ``ResNet2d``."""
+
+    def __init__(self, in_dim: int, widths: tuple[int, ...] = FCN_WIDTHS, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden=widths, out_dim=1, dropout=dropout, act_layer=nn.ReLU)
+
+    def forward(self, x: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([x.flatten(1), side], dim=1))
+
+
 class _Plain(nn.Module):
     """A ``(x, side) -> (B, 1)`` network behind the common ``Prediction`` interface."""
 
-    def __init__(self, net: nn.Module, flatten: bool = False) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        self.flatten = flatten
 
-    def forward(self, x: torch.Tensor, side: torch.Tensor) -> Prediction:
-        out = self.net(torch.cat([x.flatten(1), side], dim=1)) if self.flatten else self.net(x, side)
+    def forward(self, x: torch.Tensor, side: torch.Tensor, key: torch.Tensor | None = None) -> Prediction:
+        out = self.net(x, side)
         return Prediction(out.squeeze(-1), out.new_zeros((), dtype=torch.float32))
 
 
-class ResNetMoE(nn.Module):
-    """Sparse top-k mixture of ``ResNet2d`` experts gated by the code shape ``(n, k)``.
+class MoE(nn.Module):
+    """Mixture of ``(x, side) -> (B, 1)`` experts gated by the code shape ``(n, k)``.
 
-    The gate (``TopKGate``: ``Linear(2, hidden) -> ReLU -> Linear(hidden, E)``, top-k, softmax over
-    the selected logits) sees only the first two side entries, as in the seed's
-    ``MoE_ResNet_SparseGate``; each expert sees ``(x, side)``. Only the selected experts run on a
-    row. :meth:`from_backbone` copies one trained ResNet into every expert (the seed's best recipe;
-    the gate breaks the symmetry during fine-tuning).
+    - ``gate="hard"``: ``KeyGate``, row of code shape ``NK[i]`` -> expert ``i`` with weight 1 (the
+      seed's ``MoE_ResNet`` and ``MoE_FCN``).
+    - ``gate="soft"``: ``SoftGate`` (``Linear(2, hidden) -> ReLU -> Linear(hidden, E)``, softmax),
+      every expert on every row (the seed's ``MoE_FCN_SoftGate``).
+    - ``gate="topk"``: ``TopKGate``, top-``k`` with a softmax over the selected logits (the seed's
+      ``MoE_ResNet_SparseGate``); ``learn_temperature`` divides the logits by a learned
+      ``T = exp(t)``, 1 at init. Only the selected experts run on a row.
+
+    The learned gates see only the first two side entries. :meth:`from_backbone` copies one
+    trained network into every expert (the seed's recipe; the gate breaks the symmetry).
     """
 
-    def __init__(self, experts: list[nn.Module], k: int = 2, gate_hidden: int = 16) -> None:
+    def __init__(self, experts: list[nn.Module], gate: str = "topk", k: int = 2, learn_temperature: bool = False,
+                 gate_hidden: int = 16) -> None:
         super().__init__()
-        self.moe = MixtureOfExperts(experts, TopKGate(2, len(experts), k=k, hidden=gate_hidden))
+        num = len(experts)
+        if gate not in GATES:
+            raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+        if learn_temperature and gate != "topk":
+            raise ValueError(f"learn_temperature: only the 'topk' gate has a temperature, got gate={gate!r}")
+        if gate == "hard":
+            router = KeyGate(len(NK), num)
+        elif gate == "soft":
+            router = SoftGate(2, num, hidden=gate_hidden)
+        else:
+            router = TopKGate(2, num, k=k, learn_temperature=learn_temperature, hidden=gate_hidden)
+        self.moe = MixtureOfExperts(experts, router)
+
+    @property
+    def sparse(self) -> bool:
+        """True when some expert skips some row (its parameters may get no gradient on a step)."""
+        return not self.moe.gate.dense
 
     @classmethod
-    def from_backbone(cls, backbone: nn.Module, num_experts: int = 6, k: int = 2,
-                      gate_hidden: int = 16) -> ResNetMoE:
-        """Every expert an independent copy of ``backbone`` (a trained ``ResNet2d``)."""
-        return cls([copy.deepcopy(backbone) for _ in range(num_experts)], k=k, gate_hidden=gate_hidden)
+    def from_backbone(cls, backbone: nn.Module, num_experts: int = len(NK), **kwargs) -> MoE:
+        """Every expert an independent copy of ``backbone`` (a trained network); ``kwargs`` go to the gate."""
+        return cls([copy.deepcopy(backbone) for _ in range(num_experts)], **kwargs)
 
-    def forward(self, x: torch.Tensor, side: torch.Tensor) -> Prediction:
-        out = self.moe((x, side), gate_input=side[:, :2])
+    def route(self, side: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The gate's ``(B, E)`` weights for these rows."""
+        return self.moe.gate(side[:, :2], key=key).weights
+
+    def forward(self, x: torch.Tensor, side: torch.Tensor, key: torch.Tensor | None = None) -> Prediction:
+        out = self.moe((x, side), key=key, gate_input=side[:, :2])
         return Prediction(out.output.squeeze(-1), out.aux_loss)
 
 
-def _resnet(base_channels: int, num_blocks: int) -> ResNet2d:
-    return ResNet2d(2, base_channels, num_blocks, side_dim=3, out_dim=1, pool_size=6)
+def build_expert(kind: str, base_channels: int = 64, num_blocks: int = 5, fcn_widths: tuple[int, ...] = FCN_WIDTHS,
+                 fcn_dropout: float = 0.3) -> nn.Module:
+    """One ``(x, side) -> (B, 1)`` network of :data:`EXPERTS`."""
+    if kind == "fcn":
+        return FlatMLP(2 * 36 + 3, tuple(fcn_widths), fcn_dropout)
+    if kind == "resnet":
+        return ResNet2d(2, base_channels, num_blocks, side_dim=3, out_dim=1, pool_size=6)
+    raise ValueError(f"kind: expected one of {EXPERTS}, got {kind!r}")
 
 
-def build_model(name: str, base_channels: int = 64, num_blocks: int = 5) -> nn.Module:
-    """One of :data:`MODELS` (``"moe"``: experts freshly initialised; see ``ResNetMoE.from_backbone``)."""
-    if name == "fcn":
-        return _Plain(MLP(2 * 36 + 3, hidden=(512, 256, 128), out_dim=1, dropout=0.3, act_layer=nn.ReLU),
-                      flatten=True)
-    if name == "resnet":
-        return _Plain(_resnet(base_channels, num_blocks))
+def build_model(name: str, base_channels: int = 64, num_blocks: int = 5, *, fcn_widths: tuple[int, ...] = FCN_WIDTHS,
+                fcn_dropout: float = 0.3, experts: str = "resnet", gate: str = "topk", k: int = 2,
+                learn_temperature: bool = False) -> nn.Module:
+    """One of :data:`MODELS` (``"moe"``: six freshly initialised ``experts``; see ``MoE.from_backbone``)."""
+    sizes = {"base_channels": base_channels, "num_blocks": num_blocks, "fcn_widths": fcn_widths,
+             "fcn_dropout": fcn_dropout}
+    if name in EXPERTS:
+        return _Plain(build_expert(name, **sizes))
     if name == "vit":
         return _Plain(ViT2d(2, 3, 128, 4, 8, side_dim=3, out_dim=1, img_size=6, mlp_ratio=2.0, side_hidden=128,
                             act_layer=nn.ReLU))
     if name == "moe":
-        return ResNetMoE([_resnet(base_channels, num_blocks) for _ in range(6)])
+        return MoE([build_expert(experts, **sizes) for _ in NK], gate=gate, k=k, learn_temperature=learn_temperature)
     raise ValueError(f"name: expected one of {MODELS}, got {name!r}")

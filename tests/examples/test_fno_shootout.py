@@ -8,8 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from fno.arms import ARMS, PtychoNet, Reconstruction, classify_failure, physics_loss, reconstruction_metrics
+from fno.arms import (
+    ARMS,
+    PtychoNet,
+    Reconstruction,
+    classify_failure,
+    deepest_levels,
+    physics_loss,
+    reconstruction_metrics,
+)
 from fno.sim import diffract, make_probe, simulate, stitch
+from fno.verdict import plan_verdict
+from fno_shootout import parse_args, stage_b_depths
 from run_contract import (
     check_changed_config_is_refused,
     check_concurrent_runs,
@@ -20,8 +30,11 @@ from run_contract import (
 from safetensors.torch import load_file
 from torchrun_helpers import read_metrics, run_example
 
+from blockyard.blocks import count_parameters
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fno_shootout.py"
-# 2 arms x 2 seeds = 4 runs of 2 epochs x 4 optimizer steps; under 2 processes each trains 2 runs
+# Stage A: 2 arms x 2 seeds = 4 runs of 2 epochs x 4 optimizer steps; under 2 processes each trains 2 runs. Stage B:
+# the winner among the plan's arms (hybrid, the only one here) at 4 levels (the deepest 16 px patches hold), 2 runs
 SWEEP = ("--arms", "hybrid,stable_layerscale", "--seeds", "2")
 STEPS_PER_RUN = 8
 
@@ -79,19 +92,46 @@ def test_failure_rule():
     assert classify_failure(True, 0.1, 0.29, 0.5) is None
 
 
-def records(out: Path) -> dict[str, dict]:
-    """Every finished run's record without its ``*_s`` timing fields."""
+def test_stage_b_depths_follow_the_plan_and_report_what_the_patch_cannot_hold():
+    assert [deepest_levels(p) for p in (16, 32, 48, 64, 256)] == [4, 5, 5, 6, 8]
+    for size in (32, 64):  # the deepest really builds and runs; one more level is refused by HybridUNO
+        PtychoNet(ARMS["hybrid"].block, 2, deepest_levels(size), 2)(torch.rand(1, 1, size, size))
+        with pytest.raises(ValueError, match="this size allows at most"):
+            PtychoNet(ARMS["hybrid"].block, 2, deepest_levels(size) + 1, 2)(torch.rand(1, 1, size, size))
+    # the plan's geometry: 64 px patches, Stage A at 4 levels -> Stage B 6 (the deepest) and 8 (twice: impossible)
+    depths, skipped = stage_b_depths("auto", 4, 64)
+    assert depths == [6] and list(skipped) == [8] and "hold at most 6 levels" in skipped[8]
+    assert stage_b_depths("auto", 3, 32) == ([5], {6: "32 px patches hold at most 5 levels (coarsest level at least "
+                                                        "2x2)"})
+    assert stage_b_depths("6,8", 3, 64)[0] == [6] and stage_b_depths("none", 3, 32) == ([], {})
+    for bad in ("3", "2,5", "x", ""):
+        with pytest.raises(ValueError, match="--stage-b-levels: expected"):
+            stage_b_depths(bad, 3, 32)
+
+
+def test_max_channels_reaches_the_model_and_defaults_to_stage_a_s_widest_level():
+    args = parse_args(["--levels", "3", "--hidden", "16"])
+    assert args.max_channels == 64 and args.epochs == 20  # the plan's cap on comparison runs
+    assert parse_args(["--max-channels", "24"]).max_channels == 24
+    net = PtychoNet(ARMS["hybrid"].block, 16, 5, 8, max_channels=24)
+    assert net.core.widths == [16, 24, 24, 24, 24]
+    assert [m.in_channels for m in net.core.down] == [16, 24, 24, 24]
+    assert PtychoNet(ARMS["hybrid"].block, 16, 3, 8, max_channels=64).core.widths == [16, 32, 64]
+
+
+def records(out: Path, stage: str = "runs") -> dict[str, dict]:
+    """Every finished run's record of a stage (``runs`` = A, ``stage_b``) without its ``*_s`` timing fields."""
     return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if not k.endswith("_s")}
-            for p in sorted((out / "runs").glob("*.json"))}
+            for p in sorted((out / stage).glob("*.json"))}
 
 
 def weights(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((out / "runs").glob("*_model.safetensors"))}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/*_model.safetensors"))}
 
 
 def assert_same_sweep(out: Path, reference: Path) -> None:
     """The same per-run records (timing aside), weights, metrics and summary as ``reference``."""
-    assert records(out) == records(reference)
+    assert records(out) == records(reference) and records(out, "stage_b") == records(reference, "stage_b")
     assert weights(out) == weights(reference)
     assert read_metrics(out / "metrics.jsonl") == read_metrics(reference / "metrics.jsonl")
     assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
@@ -127,7 +167,21 @@ def test_smoke_sweep_learns_and_writes_everything(finished):
         assert r["curve"][0]["lr"] > 0 and r["curve"][-1]["lr"] != r["curve"][0]["lr"]  # the schedule steps
         assert r["stepper"]["scaler"] == {}  # fp32: no scaler
     lines = read_metrics(finished / "metrics.jsonl")
-    assert len(lines) == 4 * 2 and [m["step"] for m in lines[:2]] == [4, 8]  # 4 runs x 2 epochs
+    assert len(lines) == (4 + 2) * 2 and [m["step"] for m in lines[:2]] == [4, 8]  # (4 + 2) runs x 2 epochs
+    assert [m["stage"] for m in lines] == ["A"] * 8 + ["B"] * 4
+    # Stage B: beside Stage A's runs, never in them, depth in the name, widths capped at Stage A's widest (8)
+    deep = records(finished, "stage_b")
+    assert sorted(deep) == ["hybrid_levels4_seed0.json", "hybrid_levels4_seed1.json"]
+    capped = PtychoNet(ARMS["hybrid"].block, hidden=4, levels=4, modes=4, max_channels=8)
+    assert capped.core.widths == [4, 8, 8, 8]
+    for r in deep.values():
+        assert (r["stage"], r["levels"], r["failure"]) == ("B", 4, None)
+        assert r["params"] == count_parameters(capped) < count_parameters(PtychoNet(ARMS["hybrid"].block, 4, 4, 4))
+        assert r["final_val"] < 0.995 * r["init_val"]
+    verdict = summary["verdict"]
+    assert summary["run_kind"] == "comparison" and summary["stage_b"]["arm"] == verdict["winner"] == "hybrid"
+    assert verdict["verdict"] == "undecided" and "missing: architectural fix (stable_zero_gamma), AGC" in \
+        verdict["reasons"][0]
     assert (finished / "loss_curves.png").exists() and (finished / "reconstructions.png").exists()
     model = PtychoNet(ARMS["hybrid"].block, hidden=4, levels=2, modes=4)
     model.load_state_dict(load_file(str(finished / "runs" / "hybrid_seed0_model.safetensors")))  # pickle-free
@@ -194,3 +248,30 @@ def test_sigkill_mid_sweep_then_resume_reruns_exactly_the_unfinished_runs(tmp_pa
     assert f"({len(done)} already done)" in text  # the finished runs were kept ...
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in done} == done  # ... untouched
     assert_same_sweep(out, finished)  # and the others were trained again, as in an uninterrupted sweep
+
+
+@pytest.mark.slow  # a 2-process torchrun launch
+def test_the_plan_s_arms_give_a_verdict_computed_from_the_run_s_own_table(tmp_path):
+    out = tmp_path / "run"
+    proc = run_example(SCRIPT, out, "--arms", "hybrid,stable_zero_gamma,hybrid_agc", "--seeds", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    deep = {int(k): v for k, v in summary["stage_b"]["levels"].items()}
+    again = plan_verdict(summary["table"], deep, stage_b_arm=summary["stage_b"]["arm"])
+    verdict = summary["verdict"]
+    assert verdict["verdict"] == again.verdict and verdict["reasons"] == again.reasons
+    assert verdict["verdict"] in ("gold", "silver", "pivot")  # 2 successful seeds per arm: every median is judged
+    assert verdict["checks"] == [c._asdict() for c in again.checks]
+    assert None not in [c.passed for c in again.checks]
+    assert f"plan verdict: {verdict['verdict'].upper()}" in proc.stdout
+    assert list(deep) == [4] and set(records(out, "stage_b")) == {f"{verdict['winner']}_levels4_seed{s}.json"
+                                                                   for s in (0, 1)}
+
+
+@pytest.mark.slow  # a 2-process torchrun launch
+def test_more_epochs_than_the_plan_s_cap_is_labelled_a_stress_test(tmp_path):
+    out = tmp_path / "run"
+    proc = run_example(SCRIPT, out, "--arms", "hybrid", "--epochs", "21", "--stage-b-levels", "none", "--seeds", "1")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run_kind"] == "stress test" and summary["epochs"] == 21
+    assert "STRESS TEST (21 epochs > the plan's 20-epoch cap)" in proc.stdout
+    assert summary["stage_b"]["levels"] == {} and not list((out / "stage_b").glob("*.json"))

@@ -12,7 +12,7 @@ import run_contract as contract
 import torch
 from gradients import leave_identity_init, without_gradient
 from mheight.heights import NK, mheights
-from mheight.models import MODELS, ResNetMoE, augment, build_model, encode
+from mheight.models import MODELS, MoE, augment, build_model, encode
 from torchrun_helpers import read_metrics, run_example
 
 from blockyard.data import ShardDataset
@@ -40,13 +40,13 @@ def test_models_map_p_and_side_to_one_value_per_row_and_every_used_parameter_get
     torch.manual_seed(0)
     net = build_model(name, base_channels=8, num_blocks=1)
     leave_identity_init(net)
-    x, side = batch()
-    out = net(x, side)
+    x, side, key = batch()
+    out = net(x, side, key)
     assert out.value.shape == (5,) and out.aux_loss.shape == ()
     (out.value.square().mean() + out.aux_loss).backward()
     idle = set()
     if name == "moe":
-        weights = net.moe((x, side), gate_input=side[:, :2]).weights
+        weights = net.route(side, key)
         unused = [e for e in range(weights.shape[1]) if not weights[:, e].any()]
         assert unused, weights  # this batch leaves an expert out, so the exception is exercised
         prefixes = tuple(f"moe.experts.{e}." for e in unused)
@@ -56,7 +56,7 @@ def test_models_map_p_and_side_to_one_value_per_row_and_every_used_parameter_get
     net.eval()
     other = side.clone()
     other[:, 2] += 1.0  # a different m for the same code: the side parameters are used
-    assert not torch.allclose(net(x, side).value, net(x, other).value)
+    assert not torch.allclose(net(x, side, key).value, net(x, other, key).value)
 
 
 def test_encode_scales_p_and_centres_the_side():
@@ -64,8 +64,8 @@ def test_encode_scales_p_and_centres_the_side():
     side = torch.tensor([[9.0, 4.0, 2.0], [10.0, 6.0, 6.0]])
     matrix[1, 4:] = 0.0  # padding rows
     matrix[0, 0, 0] = -100.0
-    x, s = encode(matrix, side)
-    assert x.shape == (2, 2, 6, 6)
+    x, s, key = encode(matrix, side)
+    assert x.shape == (2, 2, 6, 6) and key.tolist() == [0, 5]  # NK.index((9, 4)), NK.index((10, 6))
     assert x[0, 0, 0, 0] == -1.0 and torch.all(x[0, 0].flatten()[1:] == 1.0)
     torch.testing.assert_close(x[0, 1], torch.full((6, 6), math.log2(100.0) / 7))  # sign-free log magnitude
     assert torch.all(x[1, :, 4:] == 0)  # padding stays 0 in both channels
@@ -96,9 +96,9 @@ def test_moe_from_one_backbone_starts_as_that_backbone(one_thread):
     """All experts are copies, gate weights sum to 1: the MoE's output is the backbone's at the start."""
     torch.manual_seed(0)
     resnet = build_model("resnet", base_channels=8, num_blocks=1).eval()
-    moe = ResNetMoE.from_backbone(resnet.net).eval()
-    x, side = batch(8)
-    torch.testing.assert_close(moe(x, side).value, resnet(x, side).value, rtol=1e-5, atol=1e-5)
+    moe = MoE.from_backbone(resnet.net).eval()
+    features = batch(8)
+    torch.testing.assert_close(moe(*features).value, resnet(*features).value, rtol=1e-5, atol=1e-5)
     # the experts are independent copies, not shared modules
     experts = moe.moe.experts
     assert experts[0].stem[0].weight.data_ptr() != experts[1].stem[0].weight.data_ptr()
@@ -107,13 +107,13 @@ def test_moe_from_one_backbone_starts_as_that_backbone(one_thread):
 def test_moe_gate_sees_only_n_and_k_and_selects_two_experts(one_thread):
     torch.manual_seed(0)
     moe = build_model("moe", base_channels=8, num_blocks=1).eval()
-    x, side = batch(6)
-    weights = moe.moe((x, side), gate_input=side[:, :2]).weights
+    _, side, key = batch(6)
+    weights = moe.route(side, key)
     assert torch.all((weights > 0).sum(1) == 2)
     torch.testing.assert_close(weights.sum(1), torch.ones(6))
     other = side.clone()
     other[:, 2] = 0.7  # m changes, (n, k) does not: same routing
-    torch.testing.assert_close(moe.moe((x, other), gate_input=other[:, :2]).weights, weights)
+    torch.testing.assert_close(moe.route(other, key), weights)
 
 
 MODELS_RUN = ("resnet", "moe")  # the default --models
