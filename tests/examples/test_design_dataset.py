@@ -108,6 +108,23 @@ def test_worker_processes_give_the_same_data(tmp_path):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def test_a_repeated_image_is_stored_once(tmp_path, monkeypatch):
+    import design.build_data as builder
+
+    real = builder.make_samples
+
+    def repeating(seed, start, count, size):  # design 7 renders like design 3
+        arrays = real(seed, start, count, size)
+        arrays["image"][7] = arrays["image"][3]
+        return arrays
+
+    monkeypatch.setattr(builder, "make_samples", repeating)
+    summary = build(tmp_path / "dup", designs=20, size=32, seed=4)
+    assert summary["duplicates_dropped"] == 1 and sum(summary["samples"].values()) == 19
+    stored = np.concatenate([open_split(tmp_path / "dup", k).store.column("index").numpy() for k in SPLITS])
+    assert sorted(stored.tolist()) == [i for i in range(20) if i != 7]
+
+
 def test_cli_prints_the_table(tmp_path, capsys):
     main(["--out", str(tmp_path / "cli"), "--designs", "30", "--size", "32"])
     text = capsys.readouterr().out

@@ -36,11 +36,15 @@ def naive_distance(mask):
 
 def test_distance_transform_matches_brute_force():
     gen = torch.Generator().manual_seed(0)
-    masks = torch.rand(5, 11, 17, generator=gen) < torch.tensor([0.3, 0.05, 0.01, 0.0, 1.0]).view(5, 1, 1)
+    masks = torch.rand(6, 11, 17, generator=gen) < torch.tensor([0.3, 0.05, 0.01, 0.0, 1.0, 0.0]).view(6, 1, 1)
     masks[2, 10, 0] = True  # one far corner pixel
+    masks[5, 0, :] = masks[5, 10, 8] = True  # (10, 2): its own column's top pixel is beaten by (10, 8)
     out = distance_transform(masks)
     assert out.shape == masks.shape and out.dtype == torch.float32
-    for b in range(5):
+    alone = distance_transform(masks[5])  # no empty map in the chunk: the shift loop may stop early
+    assert alone[10, 2] == 6.0
+    torch.testing.assert_close(alone, out[5])
+    for b in (0, 1, 2, 4, 5):
         torch.testing.assert_close(out[b], naive_distance(masks[b]).float(), rtol=0, atol=1e-5)
     assert torch.isinf(out[3]).all() and (out[4] == 0).all()
 
