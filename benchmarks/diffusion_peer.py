@@ -17,10 +17,11 @@ Networks (``--nets``, separated by ';', each trained for every ``--seeds`` in tu
   through an MLP on ``timestep_embedding`` as ``cond``, the label as one context token.
 - ``ours:key=value,...`` variants: any ``UNet`` keyword (``stem=projection``, ``context_levels=3``,
   ``time_conditioning=scale_shift``, ``blocks_per_level=2``, ``context_block=transformer``),
-  ``widths=32/64/64``, ``steps=9000`` (this network's own budget: the default table's equal-wall-time
-  row), ``label=cond`` (the label embedding added to the timestep vector instead of, or with
-  ``label=both`` as well as, the context) and ``gates=random`` (the identity-at-init gates, FiLM
-  and the cross-attention output, start from torch's default Linear init).
+  ``widths=32/64/64``, ``steps=9000`` (this network's own budget: the default table's
+  equal-wall-time row), ``seeds=0/1`` (its own seeds instead of ``--seeds``), ``label=cond`` (the
+  label embedding added to the timestep vector instead of, or with ``label=both`` as well as, the
+  context) and ``gates=random`` (the identity-at-init gates, FiLM and the cross-attention output,
+  start from torch's default Linear init).
 
 The time per step is measured apart from the training runs, in 5 interleaved rounds of every
 network, so that a change of machine load falls on all of them alike.
@@ -46,7 +47,7 @@ NULL = 10  # the dropped label's index
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", default="peer;ours;ours:stem=projection;ours:steps=9000",
+    p.add_argument("--nets", default="peer;ours;ours:stem=projection;ours:steps=9000,seeds=0",
                    help="networks, separated by ';' (or ',' when none has options), e.g. 'peer;ours:context_levels=3'")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
@@ -143,12 +144,21 @@ def _value(text: str):
     return text
 
 
+def seeds_of(spec: str, seeds: str) -> list[int]:
+    """The training seeds of a ``--nets`` entry: its own ``seeds=0/1`` or ``--seeds``."""
+    for item in spec.partition(":")[2].split(","):
+        if item.startswith("seeds="):
+            seeds = item[len("seeds="):].replace("/", ",")
+    return [int(s) for s in seeds.split(",")]
+
+
 def build(spec: str, steps: int) -> tuple[nn.Module, int]:
     """The network a ``--nets`` entry names and its step budget (``steps=N`` overrides ``--steps``)."""
     name, _, opts = spec.partition(":")
     kw = dict(item.split("=", 1) for item in filter(None, opts.split(",")))
     kw = {key: _value(value) for key, value in kw.items()}
     steps = kw.pop("steps", steps)
+    kw.pop("seeds", None)  # read by seeds_of
     if name == "peer" and not kw:
         return PeerDenoiser(), steps
     if name != "ours":
@@ -209,7 +219,6 @@ def main() -> None:
           f"(the ceiling) {ceiling:.3f}; {args.steps} steps of batch {args.batch_size}, {len(labels)} samples "
           f"per scale, DDIM 50")
     specs = list(filter(None, args.nets.split(";") if ";" in args.nets or ":" in args.nets else args.nets.split(",")))
-    seeds = [int(s) for s in args.seeds.split(",")]
     # Per-step time, measured in interleaved rounds so that a change of machine load hits every network alike.
     rounds = {spec: [] for spec in specs}
     for _ in range(5):
@@ -223,7 +232,7 @@ def main() -> None:
     print(header + "\n" + "-" * len(header), flush=True)
     results = {spec: [] for spec in specs}
     for spec in specs:
-        for seed in seeds:
+        for seed in seeds_of(spec, args.seeds):
             torch.manual_seed(seed)
             net, steps = build(spec, args.steps)
             seconds = train(net, x_tr, y_tr, sched, args, seed, steps)
@@ -232,7 +241,7 @@ def main() -> None:
             results[spec].append(accs)
             print(f"{spec + f' (seed {seed})':<44}{count_parameters(net):>9,}" + "".join(f"{a:>12.3f}" for a in accs)
                   + f"{steps:>7}{seconds:>9.0f}", flush=True)
-    print(f"\nmedian [IQR] over seeds {args.seeds}; ms/step: median of 5 interleaved rounds of "
+    print(f"\nmedian [IQR] over each network's seeds; ms/step: median of 5 interleaved rounds of "
           f"{args.time_steps} steps")
     header = f"{'network':<44}" + "".join(f"{c:>22}" for c in columns) + f"{'ms/step':>9}"
     print(header + "\n" + "-" * len(header))
