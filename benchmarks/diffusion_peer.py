@@ -29,12 +29,15 @@ network, so that a change of machine load falls on all of them alike.
 diffusers and scikit-learn come from a separate virtualenv, never from blockyard's dependencies::
 
     python -m venv --system-site-packages /tmp/peer && /tmp/peer/bin/pip install diffusers scikit-learn
-    /tmp/peer/bin/python benchmarks/diffusion_peer.py
+    /tmp/peer/bin/python benchmarks/diffusion_peer.py --jobs 2   # two training runs at a time, 1 thread each
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch import nn
@@ -59,6 +62,8 @@ def parse_args() -> argparse.Namespace:
                    help="DDIM direction term: 'clipped' (eps re-derived from the clipped x0, blockyard's "
                         "default) and/or 'given' (the model's eps, diffusers' default)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs in parallel processes, --threads split between them (timing stays serial)")
     p.add_argument("--time-steps", type=int, default=20, help="steps per interleaved timing round")
     return p.parse_args()
 
@@ -203,19 +208,42 @@ def sample(net: nn.Module, sched: DDPMScheduler, labels: torch.Tensor, scale: fl
                         use_clipped_model_output=clipped, y=labels)
 
 
+@functools.lru_cache(maxsize=1)
+def setup():
+    """Data split, judge and noise schedule (the same in every process)."""
+    x_tr, y_tr, x_te, y_te = load_digits_split()
+    judge = fit_judge(x_tr, y_tr)
+    sched = DDPMScheduler(1000, schedule="squaredcos_cap_v2")
+    return x_tr, y_tr, judge, (judge_accuracy(judge, x_te, y_te), len(y_te)), sched
+
+
+def variants_of(args) -> list[tuple[str, float]]:
+    variants = [(e, float(s)) for e in args.ddim_eps.split(",") for s in args.scales.split(",")]
+    if any(e not in ("clipped", "given") for e, _ in variants):
+        raise SystemExit(f"--ddim-eps: expected 'clipped' and/or 'given', got {args.ddim_eps!r}")
+    return variants
+
+
+def train_and_judge(spec: str, seed: int, args, threads: int) -> tuple[int, list[float], int, float]:
+    """Train one network from ``seed`` and judge its samples: (parameters, accuracies, steps, seconds)."""
+    torch.set_num_threads(threads)
+    x_tr, y_tr, judge, _, sched = setup()
+    labels = torch.arange(10).repeat_interleave(args.samples)
+    torch.manual_seed(seed)
+    net, steps = build(spec, args.steps)
+    seconds = train(net, x_tr, y_tr, sched, args, seed, steps)
+    accs = [judge_accuracy(judge, sample(net, sched, labels, s, seed, e == "clipped"), labels)
+            for e, s in variants_of(args)]
+    return count_parameters(net), accs, steps, seconds
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    x_tr, y_tr, x_te, y_te = load_digits_split()
-    judge = fit_judge(x_tr, y_tr)
-    ceiling = judge_accuracy(judge, x_te, y_te)
-    sched = DDPMScheduler(1000, schedule="squaredcos_cap_v2")
-    scales = [float(s) for s in args.scales.split(",")]
-    variants = [(e, s) for e in args.ddim_eps.split(",") for s in scales]
-    if any(e not in ("clipped", "given") for e, _ in variants):
-        raise SystemExit(f"--ddim-eps: expected 'clipped' and/or 'given', got {args.ddim_eps!r}")
+    x_tr, y_tr, _, (ceiling, n_held), sched = setup()
+    variants = variants_of(args)
     labels = torch.arange(10).repeat_interleave(args.samples)
-    print(f"8x8 digits: {len(y_tr)} train, {len(y_te)} held out; judge accuracy on held-out real images "
+    print(f"8x8 digits: {len(y_tr)} train, {n_held} held out; judge accuracy on held-out real images "
           f"(the ceiling) {ceiling:.3f}; {args.steps} steps of batch {args.batch_size}, {len(labels)} samples "
           f"per scale, DDIM 50")
     specs = list(filter(None, args.nets.split(";") if ";" in args.nets or ":" in args.nets else args.nets.split(",")))
@@ -230,16 +258,15 @@ def main() -> None:
     columns = [e + " x" + format(s, "g") for e, s in variants]
     header = f"{'network':<44}{'params':>9}" + "".join(f"{c:>12}" for c in columns) + f"{'steps':>7}{'train s':>9}"
     print(header + "\n" + "-" * len(header), flush=True)
-    results = {spec: [] for spec in specs}
-    for spec in specs:
-        for seed in seeds_of(spec, args.seeds):
-            torch.manual_seed(seed)
-            net, steps = build(spec, args.steps)
-            seconds = train(net, x_tr, y_tr, sched, args, seed, steps)
-            accs = [judge_accuracy(judge, sample(net, sched, labels, s, seed, e == "clipped"), labels)
-                    for e, s in variants]
+    runs = [(spec, seed) for spec in specs for seed in seeds_of(spec, args.seeds)]
+    threads = max(1, args.threads // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(train_and_judge, spec, seed, args, threads) for spec, seed in runs]
+        results = {spec: [] for spec in specs}
+        for (spec, seed), future in zip(runs, futures):
+            params, accs, steps, seconds = future.result()
             results[spec].append(accs)
-            print(f"{spec + f' (seed {seed})':<44}{count_parameters(net):>9,}" + "".join(f"{a:>12.3f}" for a in accs)
+            print(f"{spec + f' (seed {seed})':<44}{params:>9,}" + "".join(f"{a:>12.3f}" for a in accs)
                   + f"{steps:>7}{seconds:>9.0f}", flush=True)
     print(f"\nmedian [IQR] over each network's seeds; ms/step: median of 5 interleaved rounds of "
           f"{args.time_steps} steps")
