@@ -16,6 +16,9 @@ the headline sits, the counts by the distinct hierarchy values), so the Bayes-op
 goal or format classifier from the image or from the structure map is the one ``ceiling.py``
 computes from these tables by exact enumeration.
 
+All formats share one square canvas (the seed rendered every format at 256x256): a format
+shows through its layout and subheadline tendencies, not through an aspect ratio.
+
 The numbers were chosen so that the ceilings are well above chance but clearly below 1
 (goal about 0.59 of 10 classes, format about 0.91 of 4; ``ceiling.bayes_ceiling`` gives the
 exact values). Rows are indexed in the order of ``vocab.GOALS``, ``vocab.FORMATS``,

@@ -98,6 +98,7 @@ def test_finished_build_is_reused_other_settings_refused_unfinished_rebuilt(buil
         open_split(small, "training")
 
 
+@pytest.mark.slow  # spawns two processes that import torch: 5 s on an idle 2-core machine, 30 s on a busy one
 def test_worker_processes_give_the_same_data(tmp_path):
     one = build(tmp_path / "one", designs=20, size=32, seed=4, workers=1)
     two = build(tmp_path / "two", designs=20, size=32, seed=4, workers=2)
@@ -126,7 +127,7 @@ def test_a_repeated_image_is_stored_once(tmp_path, monkeypatch):
 
 
 def test_cli_prints_the_table(tmp_path, capsys):
-    main(["--out", str(tmp_path / "cli"), "--designs", "30", "--size", "32"])
+    main(["--out", str(tmp_path / "cli"), "--designs", "30", "--size", "32", "--workers", "1"])
     text = capsys.readouterr().out
     assert "Bayes ceiling: goal 0.5929 (chance 0.10, majority 0.12), format 0.9060" in text
     assert "30 designs at 32 px, 0 duplicate images dropped" in text
