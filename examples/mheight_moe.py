@@ -77,8 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--blocks", type=int, default=None, help="ResNet blocks (default 3, 1 smoke; seed: 5 best)")
     p.add_argument("--patience", type=int, default=8, help="early stopping on validation Log2-MSE")
     p.add_argument("--workers", type=int, default=1, help="dataset build processes (1 is fastest on 2 cores)")
-    p.add_argument("--fcn-widths", type=ints, default=(512, 256, 128), help="FCN hidden widths (seed's best)")
-    p.add_argument("--fcn-dropout", type=float, default=0.3, help="FCN dropout (seed's best)")
+    p.add_argument("--fcn-widths", type=ints, default=(512, 256, 128),
+                   help="FCN hidden widths (default 512,256,128: the seed's best)")
+    p.add_argument("--fcn-dropout", type=float, default=0.3, help="FCN dropout (default 0.3: the seed's best)")
     p.add_argument("--input-scaling", default="standard", choices=SCALINGS,
                    help="standard: P / 100, log2|P| / 7, centred (n, k, m); none: all raw (the seed's best ResNet)")
     g = p.add_argument_group("mixture of experts (six experts, gated by (n, k))")
@@ -92,9 +93,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("FCN study (the seed's grid search of widths, dropout and learning rate)")
     g.add_argument("--study", default=None, choices=["fcn"],
                    help="train one FCN per grid point instead of --models and print the table")
-    g.add_argument("--grid-widths", default="128,64,32;512,256,128", help="';'-separated width lists")
-    g.add_argument("--grid-dropout", default="0,0.3", help="comma-separated dropouts")
-    g.add_argument("--grid-lr", default="5e-4,1e-3", help="comma-separated learning rates")
+    g.add_argument("--grid-widths", default="128,64,32;512,256,128",
+                   help="';'-separated width lists (default 128,64,32;512,256,128)")
+    g.add_argument("--grid-dropout", default="0,0.3", help="comma-separated dropouts (default 0,0.3)")
+    g.add_argument("--grid-lr", default="5e-4,1e-3", help="comma-separated learning rates (default 5e-4,1e-3)")
     args = p.parse_args(argv)
     for key, (full, smoke) in SIZES.items():
         if getattr(args, key) is None:

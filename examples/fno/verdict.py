@@ -24,8 +24,9 @@ Readings where the plan leaves room (each reported in the checks):
 - "lowest" compares the three plan arms; a tie in failure rate counts as lowest, but the gold
   standard's "lower failure rate" than the control is strict, so a control that never fails rules
   gold out: there is then no instability for the fix to remove;
-- "matches" in Stage B is within the plan's own 10% tolerance (loss at most 1.1x, amplitude SSIM
-  at least 0.9x the winner's Stage A median); Stage B's "lower failure rate" is against the
+- in Stage B, "gradient norm bounded" is a finite largest gradient norm in every run (an unclipped
+  explosion ends non-finite); "matches" is within the plan's own 10% tolerance (loss at most 1.1x,
+  amplitude SSIM at least 0.9x the winner's Stage A median); "lower failure rate" is against the
   control's Stage A rate; Stage B passes when every depth that ran passes, and cannot be judged
   when none ran (a depth the patch size cannot hold is reported, not run);
 - pivot is the plan's "both fail Stage B": Stage B only ever runs the Stage A winner, so here it is
