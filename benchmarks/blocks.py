@@ -2,7 +2,8 @@
 torch.compile, next to this machine's matmul throughput (the ceiling) measured in the same run.
 
     python benchmarks/blocks.py                 # UNet(9, 32, widths=(48, 96, 192, 192), cond_dim=192,
-                                                #      attention=True), batch 8 at 128 x 128
+                                                #      attention=True, stem="projection"): FusionNet's
+                                                #      levels, batch 8 at 128 x 128
     python benchmarks/blocks.py --quick         # batch 2 at 64 x 64, 3 steps, no compile
 
 One step = zero grads, forward (under autocast where named), ``out.float().square().mean()``,
@@ -45,7 +46,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_model() -> UNet:
-    return UNet(9, 32, widths=(48, 96, 192, 192), cond_dim=192, attention=True)
+    return UNet(9, 32, widths=(48, 96, 192, 192), cond_dim=192, attention=True, stem="projection")
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, cond: torch.Tensor,
@@ -113,7 +114,8 @@ def main() -> None:
     best = {name: min(ts) for name, ts in times.items()}
     ceiling = {dt: (variants[n][1] or step_flops) / best[n] / 1e9
                for n, (_, _, dt) in variants.items() if n.startswith("matmul")}
-    print(f"UNet(9, 32, widths=(48, 96, 192, 192), cond_dim=192, attention=True): batch {args.batch}, "
+    print("UNet(9, 32, widths=(48, 96, 192, 192), cond_dim=192, attention=True, stem='projection'): "
+          f"batch {args.batch}, "
           f"{args.size}x{args.size}, {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params, "
           f"{step_flops / 1e9:.1f} GFLOP per forward+backward; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.steps} round-robin rounds")
