@@ -27,6 +27,8 @@ from .monitors import ActivationMonitor, ActivationStats, GradNormMonitor, NonFi
 from .precision import PRECISIONS, autocast, default_precision, make_grad_scaler, precision_dtype, scaler_step
 from .run import RUN_FILE, RunDir, RunFolderError
 from .schedules import Plateau, apply_lr, one_cycle, warmup_cosine
+from .sharded_checkpoint import export_weights
+from .sharding import gathered, is_sharded, mixed_precision_policy, shard_model
 from .stepper import Stepper
 from .sweeps import SweepSummary, seed_everything, sweep_summary
 
@@ -65,12 +67,16 @@ __all__ = [
     "broadcast_buffers",
     "clip_gradients",
     "default_precision",
+    "export_weights",
     "gather_rows",
+    "gathered",
     "grad_norm",
     "is_distributed",
+    "is_sharded",
     "kill_point",
     "main_print",
     "make_grad_scaler",
+    "mixed_precision_policy",
     "one_cycle",
     "per_rank_batch",
     "precision_dtype",
@@ -81,6 +87,7 @@ __all__ = [
     "scaler_step",
     "seed_everything",
     "setup_distributed",
+    "shard_model",
     "shard_rows",
     "sweep_summary",
     "teardown_distributed",

@@ -31,6 +31,7 @@ from ..data._safetensors import fsync_dir
 from .manifest import MANIFEST, CheckpointError, read_file, read_manifest, read_record, write_file, write_manifest
 from .rng import capture_rng_state, restore_rng_state
 from .serialize import pack, unpack
+from .sharded_checkpoint import load_sharded, save_sharded
 from .stateful import capture_object, object_kind, restore_object
 
 __all__ = ["CheckpointError", "CheckpointManager", "CorruptCheckpointWarning"]
@@ -90,6 +91,13 @@ class CheckpointManager:
     on disk): call it on every rank, never under ``if is_main``. :meth:`load_latest` is also
     called on every rank; each rank restores the objects and its own RNG state.
 
+    Sharded (``sharded=True``): every rank writes its own shards, nothing is gathered to rank 0,
+    through ``torch.distributed.checkpoint``'s safetensors storage (see
+    :mod:`blockyard.train.sharded_checkpoint`). For models sharded by
+    :func:`~blockyard.train.shard_model` (FSDP2); such a checkpoint resumes at another world size
+    and loads into a plain model (one process) for evaluation. Same directory protocol,
+    manifest, retention and fallback; a shared filesystem across nodes.
+
     Args:
         directory: folder of the checkpoints; created on first save. Other files in it are
             never touched.
@@ -97,6 +105,8 @@ class CheckpointManager:
         keep_last: number of newest checkpoints kept, at least 1.
         rng: save and restore the global RNG states.
         is_main: whether this process writes; default rank 0 (or True without torch.distributed).
+        sharded: save sharded checkpoints (every rank writes its shards; needs torch >= 2.8).
+            Loading reads either layout, whatever this flag says.
 
     Example::
 
@@ -110,13 +120,14 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike, every: int | None = None, keep_last: int = 1, *,
-                 rng: bool = True, is_main: bool | None = None) -> None:
+                 rng: bool = True, is_main: bool | None = None, sharded: bool = False) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every: expected None or a positive int, got {every!r}")
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last: expected an int >= 1, got {keep_last!r}")
         self.directory = Path(directory)
         self.every, self.keep_last, self.rng, self._is_main = every, keep_last, rng, is_main
+        self.sharded = bool(sharded)
 
     @property
     def is_main(self) -> bool:
@@ -174,19 +185,15 @@ class CheckpointManager:
         if metric is not None:
             metric = float(metric)
             metric = metric if math.isfinite(metric) else None
+        if self.sharded:
+            return save_sharded(self, position, state, metric, mode)
         rng_states = self._gather_rng() if self.rng else None
         if not self.is_main:
             if _dist_active():
                 dist.barrier()  # return only once the checkpoint is visible to every rank
             return None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
+        tmp = self._prepare_tmp(position)
         final = self.directory / f"step_{position:08d}"
-        if final.exists() and not _ours(final):
-            raise CheckpointError(f"{final} exists and is not a checkpoint; it is left alone: "
-                                  "move it away or save into another directory")
-        tmp = self.directory / f"{_LEFTOVER[0]}{position:08d}-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
         try:
             files: dict[str, dict] = {}
 
@@ -218,6 +225,18 @@ class CheckpointManager:
             dist.barrier()
         return final
 
+    def _prepare_tmp(self, position: int) -> Path:
+        """Create the hidden temporary directory the checkpoint at ``position`` is written into."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+        final = self.directory / f"step_{position:08d}"
+        if final.exists() and not _ours(final):
+            raise CheckpointError(f"{final} exists and is not a checkpoint; it is left alone: "
+                                  "move it away or save into another directory")
+        tmp = self.directory / f"{_LEFTOVER[0]}{position:08d}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        return tmp
+
     def _gather_rng(self) -> list[dict] | None:
         local = capture_rng_state()
         if not _dist_active():
@@ -248,11 +267,16 @@ class CheckpointManager:
             os.replace(tmp, final)
         fsync_dir(self.directory)
 
-    def _retain(self, step: int, mode: str, final: Path) -> None:
-        try:
-            self.verify(final)
-        except CheckpointError as err:
-            warnings.warn(f"checkpoint {final} failed verification right after saving ({err}); "
+    def _retain(self, step: int, mode: str, final: Path, problem: str | None = None) -> None:
+        """Verify ``final`` (unless the caller did: ``problem``, '' when intact), then delete what retention drops."""
+        if problem is None:
+            try:
+                self.verify(final)
+                problem = ""
+            except CheckpointError as err:
+                problem = str(err)
+        if problem:
+            warnings.warn(f"checkpoint {final} failed verification right after saving ({problem}); "
                           "no older checkpoint is deleted", CorruptCheckpointWarning, stacklevel=3)
             return
         infos = [i for i in self._scan() if i.step <= step]
@@ -285,13 +309,18 @@ class CheckpointManager:
     def load(self, path: str | os.PathLike, state: Mapping[str, Any]) -> dict[str, Any]:
         """Restore ``state`` in place from the checkpoint at ``path`` (see :meth:`load_latest`).
 
-        Every file is verified before any object is touched.
+        Every file is verified before any object is touched. A sharded checkpoint loads at any world
+        size; into DTensor-sharded objects that is a collective (call it on every rank), into plain
+        objects each process reads on its own.
 
         Raises:
             CheckpointError: the checkpoint is incomplete or corrupted.
             ValueError: ``state`` holds a stateful object the checkpoint has no entry for.
         """
         path = Path(path)
+        body = read_manifest(path)
+        if body.get("layout") == "sharded":
+            return load_sharded(self, path, body, state)
         body = self.verify(path)
         wanted = {n: o for n, o in state.items() if object_kind(o) is not None}
         missing = sorted(set(wanted) - set(body["entries"]))

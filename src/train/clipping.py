@@ -111,7 +111,10 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         return torch.tensor(0.0)
     first = grads[0].device
     norms = [n for group in _grouped(grads) for n in torch._foreach_norm(group, norm_type)]
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+    total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+    # FSDP2 (fully_shard) gradients are DTensor shards: the norm of the shards is a partial result;
+    # full_tensor() reduces it over the ranks, so every rank gets the whole model's norm.
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 def _check_norm_type(norm_type: float) -> float:

@@ -263,6 +263,8 @@ def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor | float:
 
 def _flag(flag: bool | torch.Tensor, op) -> bool:
     if isinstance(flag, torch.Tensor):
+        if hasattr(flag, "full_tensor"):  # a DTensor (FSDP2 gradients): its value over all shards
+            flag = flag.full_tensor()
         if flag.numel() != 1:
             raise ValueError(f"flag: expected a single-element tensor, got shape {tuple(flag.shape)}")
         t = flag.detach().reshape(1).to(torch.int32)

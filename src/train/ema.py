@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 _BUFFER_POLICIES = ("copy", "average")
 
 
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor (FSDP2 shard) as its local shard, a view: foreach ops have no DTensor rule."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 class EMA:
     r"""Exponential moving average of a model's parameters (and, by policy, buffers).
 
@@ -100,13 +105,22 @@ class EMA:
         self.step: int | None = None  # step of the last update that moved the average; None before
         self.module = copy.deepcopy(unwrap(model)).eval()
         self.module.requires_grad_(False)
+        self.rebind()
+
+    def rebind(self) -> None:
+        """Re-read :attr:`module`'s tensors after it was changed in place.
+
+        :func:`~blockyard.train.shard_model` calls it after sharding the averaged copy like the
+        model (FSDP2 replaces every parameter by a DTensor shard). Sharded tensors are averaged
+        through their local shards, which match the live model's shard for shard.
+        """
         params = list(self.module.parameters())
         bufs = list(self.module.buffers())
         self._n_params, self._n_buffers = len(params), len(bufs)
         # Split positions once: lerped (floating) vs copied; the live model is split the same way.
-        entries = params + bufs
+        entries = _local(params + bufs)
         self._lerp_idx = [i for i, t in enumerate(entries)
-                          if t.is_floating_point() and (i < len(params) or buffers == "average")]
+                          if t.is_floating_point() and (i < len(params) or self.buffers == "average")]
         lerp = set(self._lerp_idx)
         self._copy_idx = [i for i in range(len(entries)) if i not in lerp]
         self._ema_lerp = [entries[i] for i in self._lerp_idx]
@@ -127,7 +141,7 @@ class EMA:
         if len(params) != self._n_params or len(bufs) != self._n_buffers:
             raise ValueError(f"model: expected {self._n_params} parameters and {self._n_buffers} buffers like "
                              f"the averaged model, got {len(params)} and {len(bufs)}")
-        return params + bufs
+        return _local(params + bufs)
 
     def _span_decay(self, step: int) -> float:
         """Decay of one update at ``step``: ``d_step``, or the product since the last one if ``every > 1``."""

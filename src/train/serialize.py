@@ -44,7 +44,8 @@ def _parse_dtype(name: str) -> torch.dtype:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, keep_tensors: bool = False) -> None:
+        self.keep_tensors = keep_tensors
         self.tensors: dict[str, torch.Tensor] = {}
         self._views: dict[tuple, str] = {}  # exact view identity -> stored name (aliases)
         self._storages: set[int] = set()
@@ -58,6 +59,13 @@ class _Encoder:
 
     def tensor(self, t: torch.Tensor, path: list[str]) -> str:
         t = t.detach()
+        if self.keep_tensors:  # for torch.distributed.checkpoint, which writes (DTensor) shards itself
+            name = self._name(path)
+            self.tensors[name] = t
+            return name
+        if hasattr(t, "to_local"):
+            raise TypeError(f"{'.'.join(path)}: a DTensor (a shard of a model sharded by shard_model / FSDP2) "
+                            "cannot be saved whole by one process; use CheckpointManager(..., sharded=True)")
         if t.layout != torch.strided:
             raise TypeError(f"{'.'.join(path)}: only dense tensors can be checkpointed, got {t.layout}")
         ptr = t.untyped_storage().data_ptr() if t.numel() else 0
@@ -115,8 +123,12 @@ class _Encoder:
             "without pickle; give it state_dict()/load_state_dict() or convert it to plain values")
 
 
-def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+def encode_state(obj: Any, keep_tensors: bool = False) -> tuple[Any, dict[str, torch.Tensor]]:
     """Split ``obj`` into a JSON-serialisable tree and a flat dict of contiguous CPU tensors.
+
+    With ``keep_tensors`` the tensors are returned as they are (DTensor shards included, on their
+    device, one name per path even where two paths reach the same tensor), for a writer that
+    stores shards itself (:mod:`blockyard.train.sharded_checkpoint`).
 
     Tensor names are the dotted path to the tensor, so a module's ``state_dict`` keeps its
     own keys. A tensor reached twice (tied weights, shared optimizer entries) is stored once
@@ -124,7 +136,7 @@ def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     Dict key types (``int`` keys of optimizer state), tuples, non-finite floats, numpy
     arrays and scalars survive the round trip.
     """
-    enc = _Encoder()
+    enc = _Encoder(keep_tensors)
     tree = enc.encode(obj, [])
     return tree, enc.tensors
 
