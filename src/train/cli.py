@@ -15,7 +15,8 @@ samples per micro-batch summed over the ranks; each rank takes ``batch / world``
 ``--lr``, ``--precision {fp32,bf16,fp16}``, ``--seed``, ``--resume auto|PATH`` (continue the run
 in ``--out``: from each stage's newest intact checkpoint, or from the checkpoint at PATH),
 ``--overwrite`` (move an earlier run in ``--out`` aside and start anew) and ``--smoke`` (tiny
-sizes, seconds; for tests).
+sizes, seconds; for tests). Examples that can train sharded also take ``--fsdp`` (``fsdp=True``):
+FSDP2 over the processes (:func:`~blockyard.train.shard_model`) and sharded checkpoints.
 """
 from __future__ import annotations
 
@@ -30,16 +31,19 @@ from .precision import PRECISIONS
 __all__ = ["CONTROL_FLAGS", "add_common_args", "kill_point", "main_print", "per_rank_batch", "pyplot", "run_config"]
 
 #: Flags that say how to run, not what is run: left out of :func:`run_config`, free to change on resume.
-CONTROL_FLAGS = frozenset({"out", "resume", "overwrite", "kill_at_step"})
+CONTROL_FLAGS = frozenset({"out", "resume", "overwrite", "kill_at_step", "fsdp"})
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, out: str, epochs: int | None = None,
                     batch_size: int | None = None, lr: float | None = None, precision: str = "fp32",
-                    seed: int = 0) -> argparse.ArgumentParser:
+                    seed: int = 0, fsdp: bool = False) -> argparse.ArgumentParser:
     """Add the shared flags to ``parser``; the keywords are this example's defaults.
 
     A default of ``None`` lets the example pick one after parsing (by device or ``--smoke``);
     say so in its own help text by passing the example's defaults here where they are fixed.
+    ``fsdp=True`` adds ``--fsdp``, for an example that implements it. It is a control flag (left
+    out of :func:`run_config`): a run may resume sharded after an unsharded start, or the reverse,
+    since the checkpoint loaders read either layout.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
@@ -61,6 +65,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, epochs: int | 
     g.add_argument("--overwrite", action="store_true",
                    help="move an earlier run in --out aside into OUT/previous/ (never deleted) and start anew")
     g.add_argument("--smoke", action="store_true", help="tiny data and model: seconds, for tests")
+    if fsdp:
+        g.add_argument("--fsdp", action="store_true",
+                       help="shard parameters, gradients and optimizer state over the processes (FSDP2) instead "
+                            "of replicating them (DDP); every process writes its shards of each checkpoint")
     g.add_argument("--kill-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL mid-run
     return parser
 
