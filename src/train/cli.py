@@ -31,7 +31,7 @@ from .precision import PRECISIONS
 __all__ = ["CONTROL_FLAGS", "add_common_args", "kill_point", "main_print", "per_rank_batch", "pyplot", "run_config"]
 
 #: Flags that say how to run, not what is run: left out of :func:`run_config`, free to change on resume.
-CONTROL_FLAGS = frozenset({"out", "resume", "overwrite", "kill_at_step", "fsdp"})
+CONTROL_FLAGS = frozenset({"out", "resume", "overwrite", "kill_at_step"})
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, out: str, epochs: int | None = None,
@@ -41,9 +41,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, epochs: int | 
 
     A default of ``None`` lets the example pick one after parsing (by device or ``--smoke``);
     say so in its own help text by passing the example's defaults here where they are fixed.
-    ``fsdp=True`` adds ``--fsdp``, for an example that implements it. It is a control flag (left
-    out of :func:`run_config`): a run may resume sharded after an unsharded start, or the reverse,
-    since the checkpoint loaders read either layout.
+    ``fsdp=True`` adds ``--fsdp``, for an example that implements it. It is part of
+    :func:`run_config`: a resume keeps it (the world size may change: sharded checkpoints reshard).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")

@@ -245,7 +245,7 @@ def test_common_args_have_one_meaning_and_run_config_drops_control_flags():
     assert "global batch" in p.format_help()
     assert "--fsdp" not in p.format_help()  # only where an example implements it
     sharded = add_common_args(argparse.ArgumentParser(), out="runs/x", fsdp=True).parse_args(["--fsdp"])
-    assert sharded.fsdp and "fsdp" not in run_config(sharded)  # may change on resume: loaders read either layout
+    assert sharded.fsdp and run_config(sharded)["fsdp"]  # kept on resume, checked like the architecture
 
 
 def test_per_rank_batch_divides_or_says_why():
