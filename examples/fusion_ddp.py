@@ -13,12 +13,18 @@ trajectories).
     python examples/fusion_ddp.py                                          # one process
     torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py        # default CPU run
     torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py --resume auto
-    torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py --fsdp # FSDP2, sharded checkpoints
     python examples/fusion_ddp.py --eval runs/fusion/checkpoints           # inference table only
+    python examples/fusion_ddp.py --trajectories final_dataset.jsonl --test-trajectories test.jsonl
 
 Device defaults: --epochs 200 on CUDA, 4 on the CPU, 2 with --smoke; --batch-size (global,
 summed over the processes) 64 per process on CUDA, 32 on the CPU, 16 with --smoke, times the
-number of processes; --widths 48,96,192,192 (the seed's) on CUDA, 16,32,64,64 on the CPU.
+number of processes; --widths 48,96,192,192 (the seed's) on CUDA, 16,32,64,64 on the CPU;
+--levels (2x2 poolings) 4 on CUDA (the seed's: bottleneck 8x8 on a 128 canvas), 3 on the CPU.
+
+Data: the teacher's trajectories (built on first use), or --trajectories FILE.jsonl, the seed's
+trajectory format (one SA or GA run a line; see examples/fusion/trajectories.py), imported the
+same way. --test-trajectories FILE.jsonl evaluates on a held-out file of that format instead of
+the test split; setting 3 of the inference table is then the seed's own inference table.
 
 Writes to --out: run.json, metrics.jsonl (one record per epoch), checkpoints/, summary.json,
 curves.png, heatmaps.png; the dataset is cached in OUT/data unless --data names one.
@@ -47,14 +53,14 @@ from fusion.batches import FusionSamples, collate, model_inputs
 from fusion.metrics import ValidationMetrics, frequency_prior, staged_criteria
 from fusion.model import FusionNet
 from fusion.plots import plot_curves, plot_heatmaps
+from fusion.trajectories import format_counts, load_trajectories
 
-from blockyard.blocks import DecoderLevel, EncoderLevel, count_parameters
+from blockyard.blocks import count_parameters
 from blockyard.data import BucketBatchSampler, GroupedStore
 from blockyard.losses import CompositeLoss, neighborhood_cross_entropy, wta_heatmap_loss
 from blockyard.train import EMA, Dashboard, EarlyStopping, RunDir, Stepper, autocast, warmup_cosine
 from blockyard.train.cli import add_common_args, kill_point, main_print, per_rank_batch, run_config
 from blockyard.train.distributed import all_reduce_sum, barrier, setup_distributed, teardown_distributed, wrap_ddp
-from blockyard.train.sharding import gathered, shard_model
 from blockyard.train.sweeps import seed_everything
 
 # may change between a run and its resume without changing its results
@@ -63,11 +69,16 @@ NOT_CONFIG = ("data", "workers", "loader_workers", "checkpoint_every", "eval")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, out="runs/fusion", lr=4e-4, precision="bf16", fsdp=True)
+    add_common_args(p, out="runs/fusion", lr=4e-4, precision="bf16")
     p.set_defaults(out=None)  # --eval's default differs (see above)
     p.add_argument("--data", default=None, help="dataset directory (default OUT/data; built if missing)")
+    p.add_argument("--trajectories", default=None, metavar="FILE.jsonl",
+                   help="build the dataset from this trajectory file (the seed's JSONL format), not the teacher")
+    p.add_argument("--test-trajectories", default=None, metavar="FILE.jsonl",
+                   help="held-out trajectories (the seed's JSONL format) for the inference table, not the test split")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup", type=float, default=0.05, help="warmup steps as a fraction of all steps")
+    p.add_argument("--warmup", type=warmup_arg, default=0.05,
+                   help="warmup: a fraction of all optimizer steps (0.05) or a step count (the seed's 2000)")
     p.add_argument("--eval", default=None, metavar="CHECKPOINT", help="evaluate a checkpoint: inference table only")
     p.add_argument("--workers", type=int, default=None, help="dataset build processes (default: the CPUs we may use)")
     p.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
@@ -75,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--accum", type=int, default=1,
                    help="micro-batches per optimizer step (each of --batch-size samples)")
     p.add_argument("--widths", default=None, help="U-Net widths, e.g. 48,96,192,192 (seed); CPU default 16,32,64,64")
+    p.add_argument("--levels", type=int, default=None,
+                   help="2x2 poolings: len(widths) (the seed's, bottleneck 8x8 on 128x128; CUDA default) or "
+                        "len(widths) - 1 (CPU default)")
+    p.add_argument("--max-grid", type=int, default=128, help="largest grid side the model accepts (history y/x tables)")
     p.add_argument("--hypotheses", type=int, default=4)
     p.add_argument("--rnn-hidden", type=int, default=None, help="history GRU width (default 64, 192 with seed widths)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights used for validation (0 = off)")
@@ -85,10 +100,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.smoke:
-        defaults = {"epochs": 2, "widths": "8,8,8,8", "rnn_hidden": 16, "n_per_pattern": 2}
+        defaults = {"epochs": 2, "widths": "8,8,8,8", "levels": 3, "rnn_hidden": 16, "n_per_pattern": 2}
     else:
         defaults = {"epochs": 200 if cuda else 4, "widths": "48,96,192,192" if cuda else "16,32,64,64",
-                    "rnn_hidden": 192 if cuda else 64, "n_per_pattern": 25 if cuda else 16}
+                    "levels": 4 if cuda else 3, "rnn_hidden": 192 if cuda else 64,
+                    "n_per_pattern": 25 if cuda else 16}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -114,15 +130,20 @@ def main(argv=None) -> None:
     args.out = args.out or "runs/fusion"
     run = RunDir(args.out, run_config(args, ignore=NOT_CONFIG), resume=args.resume, overwrite=args.overwrite)
 
-    # --- data: rank 0 builds the dataset once, the others wait ---------------------------------
+    # --- data: rank 0 builds the dataset once (and reads a held-out file), the others wait -------
     data_dir = Path(args.data) if args.data else run.path / "data"
+    test_records = None
     if is_main:
         t0 = time.perf_counter()
-        build_data.ensure_dataset(data_dir, smoke=args.smoke, workers=args.workers)
+        build_data.ensure_dataset(data_dir, smoke=args.smoke, workers=args.workers, trajectories=args.trajectories)
         say(f"dataset: {data_dir} ready in {time.perf_counter() - t0:.1f} s")
+        test_records = read_test_file(args.test_trajectories, say)  # before training: a bad line stops us now
     barrier()
     train_store = GroupedStore(data_dir / "train", verify=is_main)
     val_store = GroupedStore(data_dir / "val", verify=is_main)
+    largest = max(max(g.key) for g in (*train_store.groups, *val_store.groups))
+    if largest > args.max_grid:
+        raise ValueError(f"--max-grid: expected >= the dataset's largest grid side {largest}, got {args.max_grid}")
     train_set = FusionSamples(train_store, augment=True, seed=args.seed)
     val_set = FusionSamples(val_store)
     train_sampler = BucketBatchSampler(train_set, batch_size, shuffle=True, seed=args.seed, drop_last=True,
@@ -138,11 +159,10 @@ def main(argv=None) -> None:
         f"on {device}, {args.precision}, {len(train_loader)} batches of {batch_size} per rank per epoch")
 
     # --- model: FusionNet from blockyard blocks (examples/fusion/model.py) -------------------
-    model_config = {"widths": args.widths, "hypotheses": args.hypotheses, "rnn_hidden": args.rnn_hidden}
+    model_config = model_config_of(args)
     net = build_model(model_config, device, bool(args.channels_last))
-    ema = EMA(net, decay=args.ema) if args.ema > 0 else None  # before sharding: FSDP2 modules cannot be copied
-    model = (shard_model(net, modules=(EncoderLevel, DecoderLevel), precision=args.precision, ema=ema) if args.fsdp
-             else wrap_ddp(net, info))
+    model = wrap_ddp(net, info)
+    ema = EMA(net, decay=args.ema) if args.ema > 0 else None
     say(f"FusionNet {model_config}: {count_parameters(net):,} parameters, channels_last={bool(args.channels_last)}")
 
     # --- loss: 5 x WTA heatmap + neighbourhood action CE + 0.5 x hypothesis diversity ----------
@@ -164,12 +184,12 @@ def main(argv=None) -> None:
     # --- optimizer step (accumulation, scaler, non-finite skip, clip 1.0, warmup + cosine per step, EMA)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total_steps = args.epochs * math.ceil(len(train_loader) / args.accum)
-    warmup_steps = min(int(args.warmup * total_steps), total_steps - 1)
+    warmup = warmup_steps(args.warmup, total_steps)
     stepper = Stepper(model, optimizer, precision=args.precision, accumulate=args.accum, num_batches=len(train_loader),
                       clip_value=1.0, ema=ema,
-                      schedule=lambda s: warmup_cosine(s, total_steps, warmup_steps, args.lr, min_lr=0.01 * args.lr))
+                      schedule=lambda s: warmup_cosine(s, total_steps, warmup, args.lr, min_lr=0.01 * args.lr))
     stopper = EarlyStopping(args.patience)
-    ckpt = run.checkpoints(every=args.checkpoint_every, keep_last=1, sharded=args.fsdp)
+    ckpt = run.checkpoints(every=args.checkpoint_every, keep_last=1)
     state = {"model": model, "optimizer": optimizer, "stepper": stepper, "stopper": stopper,
              **({"ema": ema} if ema is not None else {})}
     resumed = run.resume_from(ckpt, state)
@@ -201,8 +221,7 @@ def main(argv=None) -> None:
                 kill_point(args.kill_at_step, stepper.steps)
                 dash.update(stepper.steps, epoch=epoch, loss=loss.total.detach(), lr=stepper.lr)
         train = all_reduce_sum(sums).tolist()
-        with gathered(ema.module if ema is not None else net) as eval_model:  # FSDP2: whole weights, no collectives
-            val = validate(eval_model, val_loader, forward, args.hypotheses, prior, device)
+        val = validate(ema.module if ema is not None else net, val_loader, forward, args.hypotheses, prior, device)
         record = {"epoch": epoch, "opt_step": stepper.steps, "lr": stepper.lr, "train_loss": train[1] / train[0],
                   "train_pos": train[2] / train[0], "train_act": train[3] / train[0], **val,
                   "skipped_steps": stepper.skipped, "epoch_time_s": time.perf_counter() - epoch_start}
@@ -221,16 +240,13 @@ def main(argv=None) -> None:
     records = log.read() if is_main else []
     log.close()
     if is_main:
-        if args.fsdp:  # the main process evaluates alone: the best checkpoint's shards, whole, in a plain model
-            net = build_model(model_config, device, bool(args.channels_last))
-            ema = EMA(net, decay=args.ema) if ema is not None else None
         weights = {"model": net, **({"ema": ema} if ema else {})}
         best = ckpt.load_best(weights) or ckpt.load_latest(weights)  # the latest when no val loss was finite
         best_record = next(r for r in records if r["epoch"] == best["epoch"])
         eval_net = (ema.module if ema is not None else net).eval()
         t0 = time.perf_counter()
         inference = infer.run_evaluation(eval_net, data_dir, n_per_pattern=args.n_per_pattern, seed=args.seed,
-                                         device=str(device), smoke=args.smoke)
+                                         device=str(device), smoke=args.smoke, test_records=test_records)
         inference_time = time.perf_counter() - t0
         table = infer.format_table(inference)
         criteria = staged_criteria(records, inference, skipped_steps=records[-1]["skipped_steps"])
@@ -272,8 +288,41 @@ def validate(net, loader, forward, hypotheses, prior, device) -> dict[str, float
     return metrics.compute()
 
 
+def warmup_arg(text: str) -> int | float:
+    """``--warmup``: an integer literal >= 1 is a step count, a decimal in ``[0, 1]`` a fraction of all steps."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = float(text)
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or a step count, got {text!r}") from None
+        return value
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or a step count >= 0, got {text!r}")
+    return value
+
+
+def warmup_steps(warmup: int | float, total_steps: int) -> int:
+    """Warmup optimizer steps: a step count as given, a fraction of ``total_steps``; at most ``total_steps - 1``."""
+    return min(warmup if isinstance(warmup, int) else int(warmup * total_steps), total_steps - 1)
+
+
+def read_test_file(path: str | None, say) -> list[dict] | None:
+    """``--test-trajectories``: the file's usable records, cleaned as for training (None without one)."""
+    if path is None:
+        return None
+    records, counts = load_trajectories(path)
+    say(f"test trajectories {path}: {format_counts(counts)}")
+    return records
+
+
+def model_config_of(args) -> dict:
+    return {"widths": args.widths, "levels": args.levels, "hypotheses": args.hypotheses,
+            "rnn_hidden": args.rnn_hidden, "max_grid": args.max_grid}
+
+
 def build_model(config: dict, device: torch.device, channels_last: bool) -> FusionNet:
-    net = FusionNet(widths=tuple(config["widths"]), hypotheses=config["hypotheses"], rnn_hidden=config["rnn_hidden"])
+    net = FusionNet(**{**config, "widths": tuple(config["widths"])})
     return net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -285,8 +334,7 @@ def evaluate_checkpoint(args, info) -> None:
     if out.resolve() == run_folder.resolve():
         raise ValueError(f"--out: expected a folder of the evaluation's own (default {run_folder / 'eval'}), got "
                          f"{out}, the run folder of the checkpoint it evaluates")
-    config = infer.saved_model_config(checkpoint) or \
-        {"widths": args.widths, "hypotheses": args.hypotheses, "rnn_hidden": args.rnn_hidden}
+    config = infer.saved_model_config(checkpoint) or model_config_of(args)
     net = build_model(config, info.device, bool(args.channels_last))
     loaded = infer.load_checkpoint(checkpoint, net)  # reads only: the training run may still be writing there
     run = RunDir(out, {**run_config(args, ignore=NOT_CONFIG), "eval": str(checkpoint.resolve()), "model": config},
@@ -294,7 +342,8 @@ def evaluate_checkpoint(args, info) -> None:
     if info.is_main:
         data_dir = Path(args.data) if args.data else run_folder / "data"
         results = infer.run_evaluation(net.eval(), data_dir, n_per_pattern=args.n_per_pattern, seed=args.seed,
-                                       device=str(info.device), smoke=args.smoke)
+                                       device=str(info.device), smoke=args.smoke,
+                                       test_records=read_test_file(args.test_trajectories, print))
         table = infer.format_table(results)
         print(f"checkpoint {loaded['path']} (epoch {loaded.get('epoch')})\n{table}")
         run.write_json("eval.json", {"checkpoint": loaded["path"], "epoch": loaded.get("epoch"), "model": config,

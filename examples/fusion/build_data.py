@@ -2,6 +2,12 @@
 
     python examples/fusion/build_data.py --out runs/fusion/data   # 560 trajectories, 1.5-3.5 min (2 shared cores)
     python examples/fusion/build_data.py --out /tmp/fusion --smoke   # a few hundred samples, seconds
+    python examples/fusion/build_data.py --out runs/fusion/data --trajectories final_dataset.jsonl
+
+``--trajectories FILE.jsonl`` replaces steps 1-2 by the records of a file in the seed's format
+(``trajectories.py``: every line checked first, GA records without ``zone_grid`` and ``"N"`` ops
+skipped, ops that do not apply skipped and counted, replayed from the zigzag); steps 3-4 are
+the same, and the build table ends with what was skipped.
 
 1. Plan one trajectory per (zone pattern, grid size, repeat). Each trajectory's seed and its zone
    parameters derive from ``(--seed, index)`` alone, so the data never depends on the number of
@@ -22,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,27 +41,19 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `fusion` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blockyard.data import (
-    GroupedStore,
-    GroupedStoreWriter,
-    balanced_indices,
-    file_lock,
-    group_split,
-    layer_index,
-    write_json_atomic,
-)
+from blockyard.data import file_lock
 from fusion.encoding import HISTORY, state_channels
 from fusion.grid import ZONE_PATTERNS
+from fusion.store_build import default_workers, format_table, write_build
 from fusion.teacher import replay_steps, run_teacher
+from fusion.trajectories import clean_record, read_records, scan_file
 
-__all__ = ["SIZES", "SMOKE_SIZES", "TrajectorySpec", "build_dataset", "ensure_dataset", "format_table",
-           "plan_trajectories", "trajectory_samples"]
+__all__ = ["SIZES", "SMOKE_SIZES", "TrajectorySpec", "build_dataset", "build_from_trajectories", "ensure_dataset",
+           "format_table", "plan_trajectories", "trajectory_samples"]
 
 # (height, width): multiples of 8, so the 4-level U-Net pads at most 8 - 0 cells; square and not.
 SIZES: tuple[tuple[int, int], ...] = ((16, 16), (16, 24), (24, 16), (24, 24), (24, 32), (32, 24), (32, 32))
 SMOKE_SIZES: tuple[tuple[int, int], ...] = ((16, 16), (16, 24))
-SPLITS = ("train", "val", "test")
-DENSE_BYTES = 9 * 128 * 128 * 4  # the seed's padded float32 model input per sample
 _DEFAULTS = {False: {"per_cell": 20, "iters": 3000, "fractions": (0.8, 0.1, 0.1)},
              True: {"per_cell": 3, "iters": 1500, "fractions": (0.6, 0.2, 0.2)}}
 
@@ -134,74 +130,22 @@ def trajectory_samples(record: dict) -> dict[str, np.ndarray]:
             "crossings": np.asarray(crossings, dtype=np.int64)}
 
 
-def _run(spec: TrajectorySpec) -> tuple[dict, dict[str, np.ndarray], float]:
+def _run(spec: TrajectorySpec) -> tuple[dict, dict[str, np.ndarray], float, dict[str, int]]:
     cpu = time.process_time()
     record = run_teacher(spec.width, spec.height, spec.zone_pattern, spec.seed, iters=spec.iters,
                          init_pattern=spec.init_pattern, num_zones=spec.num_zones, num_islands=spec.num_islands,
                          run_id=spec.run_id)
     samples = trajectory_samples(record)
-    return record, samples, time.process_time() - cpu  # CPU time: meaningful on a shared machine
+    return record, samples, time.process_time() - cpu, {}  # CPU time: meaningful on a shared machine
 
 
-def _results(specs: list[TrajectorySpec], workers: int) -> Iterator[tuple[dict, dict[str, np.ndarray], float]]:
-    """Results in spec order; at most ``4 * workers`` in flight, so memory stays bounded."""
-    if workers <= 1:
-        yield from map(_run, specs)
-        return
-    # fork: workers inherit the imports (torch takes seconds to import on a loaded box) and
-    # only run numpy code, so no OpenMP/torch thread state is used after the fork.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers) as pool:
-        todo, pending = iter(specs), deque()
-        for spec in todo:
-            pending.append(pool.apply_async(_run, (spec,)))
-            if len(pending) >= 4 * workers:
-                break
-        while pending:
-            result = pending.popleft().get()
-            spec = next(todo, None)
-            if spec is not None:
-                pending.append(pool.apply_async(_run, (spec,)))
-            yield result
-
-
-def _clear(out: Path) -> None:
-    """Remove what an unfinished build may have left (only our own names)."""
-    for name in (*SPLITS, ".train_unique", "trajectories.jsonl", "trajectories.jsonl.tmp", "splits.json",
-                 "build.json.tmp"):
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    for path in out.glob(".*.tmp-*"):  # GroupedStoreWriter's temporary directories
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _balance_train(unique_path: Path, out: Path, layers: list[int], shapes: list[tuple[int, int]],
-                   max_factor: float, seed: int) -> np.ndarray:
-    """Write ``out``: every unique training sample, then the oversampled extras. Returns the picks."""
-    unique = GroupedStore(unique_path, verify=False)
-    n = len(unique)
-    picks = balanced_indices(np.asarray(layers, dtype=np.int64), max_factor=max_factor, seed=seed,
-                             groups=[f"{h}x{w}" for h, w in shapes]) if n else np.zeros(0, dtype=np.int64)
-    position = np.empty(n, dtype=np.int64)
-    position[unique.source_index] = np.arange(n)  # insertion order -> store index
-    with GroupedStoreWriter(out, group_key="state", spatial_fields=("state",), overwrite=True) as writer:
-        for part in (position[picks[:n]], position[picks[n:]]):
-            part = part[np.argsort(unique.group_of(part), kind="stable")] if part.size else part
-            groups = unique.group_of(part) if part.size else part
-            for g in np.unique(groups):
-                members = part[groups == g]
-                for start in range(0, members.size, 1024):
-                    batch = unique.get_batch(members[start:start + 1024])
-                    for j in range(len(batch["trajectory"])):
-                        writer.add({k: v[j] for k, v in batch.items()})
-    return picks
+def _import(item: tuple[int, dict]) -> tuple[dict, dict[str, np.ndarray], float, dict[str, int]]:
+    cpu = time.process_time()
+    record, counts = clean_record(item[1], item[0])
+    samples = trajectory_samples(record)
+    return record, samples, time.process_time() - cpu, {
+        "applied_ops": counts.applied, "noop_ops": counts.noop, "skipped_ops": counts.not_applied,
+        "initial_mismatch": int(counts.initial_mismatch)}
 
 
 def build_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int | None = None, seed: int = 0,
@@ -230,7 +174,7 @@ def build_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int |
     per_cell = int(per_cell or defaults["per_cell"])
     iters = int(iters or defaults["iters"])
     fractions = tuple(float(f) for f in (fractions or defaults["fractions"]))
-    workers = int(workers or _default_workers())
+    workers = int(workers or default_workers())
     if len(fractions) != 3:
         raise ValueError(f"fractions: expected (train, val, test), got {fractions}")
     unknown = [p for p in patterns if p not in ZONE_PATTERNS]
@@ -238,142 +182,80 @@ def build_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int |
         raise ValueError(f"patterns: expected a subset of {ZONE_PATTERNS}, got {list(patterns)}")
     args = {"smoke": bool(smoke), "seed": int(seed), "sizes": [list(s) for s in sizes], "patterns": list(patterns),
             "per_cell": per_cell, "iters": iters, "fractions": list(fractions), "max_factor": float(max_factor)}
-    say = print if verbose else (lambda *a, **k: None)
-    with file_lock(out / ".build.lock"):  # two builders of one directory would clobber each other
-        if (out / "build.json").exists():
-            if not force:
-                raise FileExistsError(f"{out}: holds a finished build (build.json); pass force=True to rebuild it")
-            (out / "build.json").unlink()  # from here on the directory counts as unfinished
-        _clear(out)
-        start = time.perf_counter()
-        specs = plan_trajectories(sizes, patterns, per_cell, seed, iters)
-        cells = [(s.zone_pattern, s.height, s.width) for s in specs]
-        strata = cells if per_cell >= 10 else [c[0] for c in cells]  # too few per cell: per pattern
-        parts = group_split([s.run_id for s in specs], fractions, seed=seed, strata=strata)
-        split_of = {int(i): name for name, idx in zip(SPLITS, parts) for i in idx}
-        write_json_atomic(out / "splits.json", {name: [specs[i].run_id for i in idx]
-                                                 for name, idx in zip(SPLITS, parts)})
-        say(f"building {len(specs)} trajectories ({len(sizes)} sizes x {len(patterns)} patterns x {per_cell}) "
-            f"with {workers} worker(s) into {out}")
-        stats = {c: {"trajectories": 0, "initial": 0, "final": 0, "cpu_seconds": 0.0, **dict.fromkeys(SPLITS, 0)}
-                 for c in cells}
-        layers, shapes = [], []
-        paths = {"train": out / ".train_unique", "val": out / "val", "test": out / "test"}
-        writers = {k: GroupedStoreWriter(p, group_key="state", spatial_fields=("state",), overwrite=True)
-                   for k, p in paths.items()}
-        try:
-            with open(out / "trajectories.jsonl.tmp", "w") as jsonl:
-                for done, (spec, (record, samples, cpu)) in enumerate(zip(specs, _results(specs, workers)), 1):
-                    jsonl.write(json.dumps(record, separators=(",", ":")) + "\n")
-                    split, cell = split_of[spec.index], cells[spec.index]
-                    row = stats[cell]
-                    row["trajectories"] += 1
-                    row["initial"] += record["initial_crossings"]
-                    row["final"] += record["final_crossings"]
-                    row["cpu_seconds"] += cpu
-                    n = len(samples["crossings"])
-                    row[split] += n
-                    for j in range(n):
-                        writers[split].add({**{k: v[j] for k, v in samples.items()},
-                                            "initial_crossings": np.int64(record["initial_crossings"]),
-                                            "trajectory": record["run_id"], "zone_pattern": record["zone_pattern"]})
-                    if split == "train":
-                        y, x = samples["target"][:, 0], samples["target"][:, 1]
-                        layers.extend(layer_index(y, x, spec.height, spec.width).tolist())
-                        shapes.extend([(spec.height, spec.width)] * n)
-                    if verbose and (done % max(1, len(specs) // 10) == 0 or done == len(specs)):
-                        say(f"  {done}/{len(specs)} trajectories, {time.perf_counter() - start:.0f} s")
-            for writer in writers.values():
-                writer.close()
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()  # no-op for the ones already closed
-            raise
-        os.replace(out / "trajectories.jsonl.tmp", out / "trajectories.jsonl")
-        picks = _balance_train(paths["train"], out / "train", layers, shapes, max_factor, seed)
-        shutil.rmtree(paths["train"])
-        summary = _summary(out, args, workers, stats, layers, picks, time.perf_counter() - start)
-        say(format_table(summary))
-        write_json_atomic(out / "build.json", summary)  # last: its presence means "finished"
-    return summary
+    specs = plan_trajectories(sizes, patterns, per_cell, seed, iters)
+    cells = [(s.zone_pattern, s.height, s.width) for s in specs]
+    intro = f"building {len(specs)} trajectories ({len(sizes)} sizes x {len(patterns)} patterns x {per_cell})"
+    return write_build(Path(out), args, _run, specs, [s.run_id for s in specs], cells, per_cell >= 10,
+                       workers=workers, fractions=fractions, seed=seed, max_factor=max_factor, force=force,
+                       verbose=verbose, intro=intro)
 
 
-def _summary(out: Path, args: dict, workers: int, stats: dict, layers: list[int], picks: np.ndarray,
-             seconds: float) -> dict:
-    rows = []
-    for (pattern, h, w), s in sorted(stats.items()):
-        t = max(s["trajectories"], 1)
-        rows.append({"zone_pattern": pattern, "height": h, "width": w, "trajectories": s["trajectories"],
-                     "samples": sum(s[k] for k in SPLITS), **{k: s[k] for k in SPLITS},
-                     "initial_crossings": s["initial"] / t, "final_crossings": s["final"] / t})
-    stores = {k: GroupedStore(out / k, verify=False) for k in SPLITS}
-    counts = {k: len(v) for k, v in stores.items()}
-    store_bytes = sum(v.nbytes for v in stores.values())
-    stored = sum(counts.values())
-    lay = np.asarray(layers, dtype=np.int64)
-    return {"format": "blockyard.fusion-dataset", "version": 1, "args": args, "workers": workers,
-            "seconds": round(seconds, 2), "worker_cpu_seconds": round(sum(s["cpu_seconds"] for s in stats.values()), 2),
-            "trajectories": sum(r["trajectories"] for r in rows),
-            "samples": {**counts, "train_unique": len(layers)}, "cells": rows,
-            "train_layers": {"before": np.bincount(lay).tolist() if lay.size else [],
-                             "after": np.bincount(lay[picks]).tolist() if lay.size else []},
-            "bytes": {"stores": store_bytes, "trajectories_jsonl": (out / "trajectories.jsonl").stat().st_size,
-                      "dense_float32_9x128x128": stored * DENSE_BYTES,
-                      "ratio_vs_dense": round(stored * DENSE_BYTES / max(store_bytes, 1), 1)}}
+def build_from_trajectories(out: str | os.PathLike, trajectories: str | os.PathLike, *, workers: int | None = None,
+                            seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1), max_factor: float = 4.0,
+                            force: bool = False, verbose: bool = True) -> dict:
+    """Build the same dataset as :func:`build_dataset` from a trajectory file in the seed's JSONL format.
+
+    Every line is checked first (``trajectories.scan_file``: a malformed line raises a ``ValueError``
+    naming the file and the line, before anything is written). Each usable record is replayed from
+    the zigzag as the seed's builder did (``trajectories.clean_record``: ``"N"`` ops and ops that do
+    not apply are skipped and counted), then exactly as a teacher record: one sample per op that
+    lowers the crossings. Split by trajectory (stratified by pattern and size when every cell has
+    10 or more trajectories, else by pattern), train-only layer balancing, the same stores;
+    ``trajectories.jsonl`` holds the cleaned records. The summary's ``"import"`` entry counts the
+    records skipped without ``zone_grid``, the ``"N"`` ops, the ops that did not apply, and the
+    records whose zigzag start differs from their ``initial_crossings``.
+    """
+    scan = scan_file(trajectories)
+    fractions = tuple(float(f) for f in fractions)
+    workers = int(workers or default_workers())
+    if len(fractions) != 3:
+        raise ValueError(f"fractions: expected (train, val, test), got {fractions}")
+    if not scan.entries:
+        raise ValueError(f"trajectories: {scan.path} holds no record with a zone_grid ({scan.lines} lines)")
+    args = {"trajectories": str(Path(trajectories).resolve()), "sha256": scan.sha256, "seed": int(seed),
+            "fractions": list(fractions), "max_factor": float(max_factor)}
+    cells = [(pattern, h, w) for _, _, pattern, h, w in scan.entries]
+    wanted = {e[0] for e in scan.entries}
+    items = ((line, rec) for line, rec in read_records(trajectories) if line in wanted)
+    intro = (f"importing {len(scan.entries)} trajectories of {scan.path} ({scan.lines} lines, "
+             f"{scan.skipped_no_zone_grid} skipped without zone_grid)")
+    return write_build(Path(out), args, _import, items, [e[1] for e in scan.entries], cells,
+                       min(Counter(cells).values()) >= 10, workers=workers, fractions=fractions, seed=seed,
+                       max_factor=max_factor, force=force, verbose=verbose, intro=intro,
+                       extra={"lines": scan.lines, "skipped_no_zone_grid": scan.skipped_no_zone_grid})
 
 
-def format_table(summary: dict) -> str:
-    """The build table: per pattern and size, trajectories, samples per split, teacher reduction."""
-    head = (f"{'pattern':<11}{'HxW':>6}{'traj':>6}{'samples':>9}{'train':>7}{'val':>6}{'test':>6}"
-            f"{'crossings initial -> final':>28}{'reduction':>10}")
-    lines = [head, "-" * len(head)]
-
-    def line(name: str, size: str, rows: list[dict]) -> str:
-        t = sum(r["trajectories"] for r in rows)
-        ini = sum(r["initial_crossings"] * r["trajectories"] for r in rows) / max(t, 1)
-        fin = sum(r["final_crossings"] * r["trajectories"] for r in rows) / max(t, 1)
-        n = {k: sum(r[k] for r in rows) for k in ("samples", *SPLITS)}
-        return (f"{name:<11}{size:>6}{t:>6}{n['samples']:>9}{n['train']:>7}{n['val']:>6}{n['test']:>6}"
-                f"{ini:>17.1f} -> {fin:<7.1f}{100 * (ini - fin) / max(ini, 1e-9):>9.0f}%")
-
-    cells = summary["cells"]
-    for r in cells:
-        lines.append(line(r["zone_pattern"], f"{r['height']}x{r['width']}", [r]))
-    lines.append("-" * len(head))
-    for pattern in dict.fromkeys(r["zone_pattern"] for r in cells):
-        lines.append(line(pattern, "all", [r for r in cells if r["zone_pattern"] == pattern]))
-    lines.append(line("total", "all", cells))
-    s, b, lay = summary["samples"], summary["bytes"], summary["train_layers"]
-    lines.append(f"train after layer balancing: {s['train']} samples ({s['train_unique']} unique, "
-                 f"x{s['train'] / max(s['train_unique'], 1):.2f}); per layer {lay['before']} -> {lay['after']}")
-    stored = s["train"] + s["val"] + s["test"]
-    lines.append(f"bytes on disk: stores {b['stores'] / 2**20:.1f} MiB for {stored} samples "
-                 f"({b['stores'] / max(stored, 1) / 1024:.2f} KiB/sample) vs dense float32 9x128x128 "
-                 f"{b['dense_float32_9x128x128'] / 2**30:.2f} GiB: {b['ratio_vs_dense']:.0f}x smaller; "
-                 f"trajectories.jsonl {b['trajectories_jsonl'] / 2**20:.1f} MiB")
-    lines.append(f"built in {summary['seconds']:.1f} s with {summary['workers']} worker(s); teacher + replay took "
-                 f"{summary['worker_cpu_seconds']:.1f} s of CPU time")
-    return "\n".join(lines)
-
-
-def ensure_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int | None = None, **kwargs) -> Path:
+def ensure_dataset(out: str | os.PathLike, *, smoke: bool = False, workers: int | None = None,
+                   trajectories: str | os.PathLike | None = None, **kwargs) -> Path:
     """Return ``out``, building the dataset first unless ``out/build.json`` says it is finished.
 
-    Under DDP call it on rank 0 only and let the other ranks wait at a barrier. Concurrent
-    callers in separate processes are serialised by a lock file, and the later ones find the
-    finished build. A finished build made with other arguments is kept (never silently
-    overwritten): rebuild it with ``build_dataset(..., force=True)``.
+    With ``trajectories`` (a file in the seed's JSONL format) the dataset is built from it
+    (:func:`build_from_trajectories`), and a finished build in ``out`` must come from a file with
+    the same content (sha256), else ``ValueError``. Under DDP call it on rank 0 only and let the
+    other ranks wait at a barrier. Concurrent callers in separate processes are serialised by a
+    lock file, and the later ones find the finished build. A finished build made with other
+    arguments is kept (never silently overwritten): rebuild it with ``force=True``.
     """
     out = Path(out)
     with file_lock(out / ".build.lock"):  # two builders of one directory would clobber each other
         finished = (out / "build.json").exists()
     if not finished:
         try:
-            build_dataset(out, smoke=smoke, workers=workers, **kwargs)
+            if trajectories is not None:
+                build_from_trajectories(out, trajectories, workers=workers, **kwargs)
+            else:
+                build_dataset(out, smoke=smoke, workers=workers, **kwargs)
         except FileExistsError:
             if not (out / "build.json").exists():
                 raise
             # another process finished it while we waited for the lock
+    if trajectories is not None:
+        built = json.loads((out / "build.json").read_text())["args"].get("sha256")
+        wanted = scan_file(trajectories).sha256
+        if built != wanted:
+            raise ValueError(f"trajectories: {out} holds a dataset built from "
+                             f"{'another file' if built else 'the teacher'}, not from {trajectories} (sha256 "
+                             f"{wanted[:12]}...); use another data directory or rebuild it (build_data.py --force)")
     return out
 
 
@@ -386,11 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-cell", type=int, default=None, help="trajectories per (pattern, size)")
     parser.add_argument("--iters", type=int, default=None, help="teacher iterations per trajectory")
     parser.add_argument("--force", action="store_true", help="rebuild a finished build")
+    parser.add_argument("--trajectories", type=Path, default=None, metavar="FILE.jsonl",
+                        help="build from this trajectory file (the seed's JSONL format) instead of the teacher")
     args = parser.parse_args(argv)
     try:
-        build_dataset(args.out, smoke=args.smoke, workers=args.workers, seed=args.seed, per_cell=args.per_cell,
-                      iters=args.iters, force=args.force)
-    except FileExistsError as err:
+        if args.trajectories is not None:
+            build_from_trajectories(args.out, args.trajectories, workers=args.workers, seed=args.seed, force=args.force)
+        else:
+            build_dataset(args.out, smoke=args.smoke, workers=args.workers, seed=args.seed, per_cell=args.per_cell,
+                          iters=args.iters, force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
         parser.exit(1, f"{err}\n")
 
 

@@ -1,7 +1,7 @@
 """FusionNet inference, measured on held-out test trajectories against model-free baselines.
 
-Two settings, per zone pattern (the seed's greedy inference reported zero reductions because it
-started from the initial paths, which are local minima for single ops):
+Three settings, per zone pattern (the seed's greedy inference reported zero reductions because it
+started from the initial paths, where hardly any single op lowers the crossings):
 
 1. **Mid-trajectory states** (the state before each effective op of a test trajectory, with its
    true history; an improving op exists). Greedy model-guided search (``search.greedy_search``
@@ -13,13 +13,26 @@ started from the initial paths, which are local minima for single ops):
    teacher's trajectory still gained from that state.
 2. **Initial paths.** Annealing with the teacher's schedule and Metropolis acceptance, proposals
    weighted by the model (``search.anneal(guide="model")``) against uniform proposals (the
-   teacher itself) at the same op budget (the record's ``iters`` proposals). Reported: mean best
-   reduction, fraction improved, fraction reaching the teacher record's result and the proposals
-   needed to get there.
+   teacher itself) at the same op budget (the record's ``iters`` proposals; the teacher's default
+   schedule for records without one). Reported: mean best reduction, fraction improved, fraction
+   reaching the teacher record's result and the proposals needed to get there.
+3. **The seed's inference protocol from the initial paths** (its own table, the seed's columns).
+   ``search.greedy_search`` exactly as the seed ran it: history seeding (Change 10), the K x 8
+   per-hypothesis candidates with 3 actions each (8), exploration with probability 0.15 (11) and
+   the adaptive give-up (9), from each test trajectory's initial path; against the same greedy
+   loop checking ops in random order with the same number of op checks. Reported per zone
+   pattern: mean reduction (absolute and % of the initial crossings), the teacher's own
+   reduction (the record's initial -> final), the share reaching at least the teacher's final
+   count, and the share improved. Few single ops improve an initial path (none on a zigzag over
+   left_right or stripes zones), which is why the seed's greedy inference reported zero reductions.
+
+The test trajectories are the test split of the dataset, or the records of a held-out file in
+the seed's JSONL format (``--test-trajectories``, read with ``trajectories.load_trajectories``).
 
 Every random choice comes from ``numpy.random.SeedSequence([seed, ...])``: same seed, same table.
 
     python examples/fusion/infer.py --checkpoint runs/fusion/checkpoints --data runs/fusion/data
+    python examples/fusion/infer.py --checkpoint runs/fusion/checkpoints --test-trajectories test.jsonl
 """
 from __future__ import annotations
 
@@ -42,8 +55,10 @@ if __package__ in (None, ""):  # run as a script: make `fusion` importable
 from blockyard.train import RUN_FILE, CheckpointManager
 from fusion.encoding import encode, legal_anchor_mask, state_channels
 from fusion.env import FusionEnv
+from fusion.inference_table import anneal_row, format_table, greedy_row, rows_by_pattern, seed_protocol_row
 from fusion.search import History, ScoreRequest, Scores, anneal, drive, greedy_search
-from fusion.teacher import env_from_record, replay_steps
+from fusion.teacher import SCHEDULE, env_from_record, replay_steps
+from fusion.trajectories import format_counts, load_trajectories
 
 __all__ = ["Start", "format_table", "load_checkpoint", "load_test_records", "mid_trajectory_starts", "model_scorer",
            "run_evaluation", "saved_model_config"]
@@ -66,7 +81,10 @@ def saved_model_config(checkpoint: str | Path) -> dict[str, Any] | None:
     config = json.loads(run_file.read_text()).get("config", {}) if run_file.exists() else {}
     if not {"widths", "hypotheses", "rnn_hidden"} <= set(config):
         return None
-    return {"widths": tuple(config["widths"]), "hypotheses": config["hypotheses"], "rnn_hidden": config["rnn_hidden"]}
+    widths = tuple(config["widths"])
+    # runs from before --levels/--max-grid had len(widths) - 1 poolings and 128-row y/x tables
+    return {"widths": widths, "levels": config.get("levels") or len(widths) - 1, "hypotheses": config["hypotheses"],
+            "rnn_hidden": config["rnn_hidden"], "max_grid": config.get("max_grid", 128)}
 
 
 def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -172,7 +190,7 @@ def _pick(items: Sequence, n: int, rng: np.random.Generator) -> list:
     return [items[i] for i in sorted(rng.choice(len(items), size=n, replace=False))]
 
 
-# -- the two settings --------------------------------------------------------------------------
+# -- the three settings -------------------------------------------------------------------------
 def _brute_force_greedy(env: FusionEnv) -> int:
     # reference only: reads every applicable op's delta and takes the best until none improves
     start = env.crossings
@@ -200,9 +218,11 @@ def _greedy_setting(starts: list[Start], score, seed: int) -> list[dict]:
 
 def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, model_every: int) -> list[dict]:
     def runs(guide: str, key: int):
-        return [anneal(env_from_record(rec), iters=iters or rec["iters"], t_max=rec["t_max"], t_min=rec["t_min"],
+        schedules = [{**SCHEDULE, **{k: rec[k] for k in SCHEDULE if k in rec}} for rec in records]
+        return [anneal(env_from_record(rec), iters=iters or sch["iters"], t_max=sch["t_max"], t_min=sch["t_min"],
                        rng=_rng(seed, key, i), guide=guide, initial_crossings=rec["initial_crossings"],
-                       model_every=model_every, target=rec["final_crossings"]) for i, rec in enumerate(records)]
+                       model_every=model_every, target=rec["final_crossings"])
+                for i, (rec, sch) in enumerate(zip(records, schedules))]
     model_runs = drive(runs("model", 3), score)
     uniform_runs = drive(runs("uniform", 4))
     return [{"pattern": rec["zone_pattern"], "initial": rec["initial_crossings"], "budget": m.iters,
@@ -210,147 +230,89 @@ def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, mo
             for rec, m, u in zip(records, model_runs, uniform_runs, strict=True)]
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
+def _seed_protocol_setting(records: list[dict], score, seed: int) -> list[dict]:
+    def start(rec: dict) -> dict:
+        return {"env": env_from_record(rec), "history": History(), "initial_crossings": rec["initial_crossings"]}
+
+    model_runs = drive([greedy_search(**start(rec), rng=_rng(seed, 5, i), guide="model")
+                        for i, rec in enumerate(records)], score)
+    random_runs = drive([greedy_search(**start(rec), rng=_rng(seed, 6, i), guide="random", max_tries=m.tries,
+                                       max_failures=math.inf, max_steps=math.inf, seed=False)
+                         for i, (rec, m) in enumerate(zip(records, model_runs, strict=True))])
+    return [{"pattern": rec["zone_pattern"], "initial": rec["initial_crossings"],
+             "teacher_initial": rec.get("recorded_initial_crossings", rec["initial_crossings"]),
+             "teacher_final": rec["final_crossings"], "model": m._asdict(), "random": r._asdict()}
+            for rec, m, r in zip(records, model_runs, random_runs, strict=True)]
 
 
-def _greedy_row(items: list[dict]) -> dict[str, Any]:
-    row: dict[str, Any] = {"n": len(items), "start_crossings": _mean([it["start"] for it in items])}
-    for name in ("model", "random"):
-        runs = [it[name] for it in items]
-        reductions = [r["initial"] - r["final"] for r in runs]
-        row[f"{name}_mean_reduction"] = _mean(reductions)
-        row[f"{name}_improved_fraction"] = _mean([float(d > 0) for d in reductions])
-        row[f"{name}_mean_tries"] = _mean([r["tries"] for r in runs])
-        firsts = [r["first_improvement"] for r in runs if r["first_improvement"] is not None]
-        row[f"{name}_tries_to_first"] = _mean(firsts)
-    row["model_seeded_ops"] = _mean([it["model"]["seeded"] for it in items])
-    row["oracle_mean_reduction"] = _mean([it["oracle"] for it in items])
-    row["teacher_rest_mean_reduction"] = _mean([it["teacher_rest"] for it in items])
-    return row
-
-
-def _anneal_row(items: list[dict]) -> dict[str, Any]:
-    row: dict[str, Any] = {"n": len(items), "initial_crossings": _mean([it["initial"] for it in items]),
-                           "budget": _mean([it["budget"] for it in items]),
-                           "teacher_mean_reduction": _mean([it["teacher"] for it in items])}
-    for name in ("model", "uniform"):
-        runs = [it[name] for it in items]
-        reductions = [r["initial"] - r["best"] for r in runs]
-        row[f"{name}_mean_reduction"] = _mean(reductions)
-        row[f"{name}_improved_fraction"] = _mean([float(d > 0) for d in reductions])
-        row[f"{name}_reached_teacher_fraction"] = _mean([float(r["reached_at"] is not None) for r in runs])
-        row[f"{name}_ops_to_teacher"] = _mean([r["reached_at"] for r in runs if r["reached_at"] is not None])
-    return row
-
-
-def _rows(items: list[dict], row_fn) -> dict[str, dict]:
-    by_pattern: dict[str, list[dict]] = defaultdict(list)
-    for it in items:
-        by_pattern[it["pattern"]].append(it)
-    rows = {p: row_fn(v) for p, v in sorted(by_pattern.items())}
-    rows["overall"] = row_fn(items)
-    return rows
-
-
-def run_evaluation(model: torch.nn.Module, data_dir: str | Path, *, n_per_pattern: int | None = 16, seed: int = 0,
-                   device: str | torch.device = "cpu", smoke: bool = False, anneal_per_pattern: int | None = None,
-                   anneal_iters: int | None = None, model_every: int = 50, max_batch: int = 32) -> dict[str, Any]:
-    """Both settings on the test split of ``data_dir``; a JSON-able dict (see ``format_table``).
+def run_evaluation(model: torch.nn.Module, data_dir: str | Path | None, *, n_per_pattern: int | None = 16,
+                   seed: int = 0, device: str | torch.device = "cpu", smoke: bool = False,
+                   anneal_per_pattern: int | None = None, anneal_iters: int | None = None, model_every: int = 50,
+                   max_batch: int = 32, test_records: list[dict] | None = None) -> dict[str, Any]:
+    """The three settings on the test split of ``data_dir`` (or on ``test_records``); a JSON-able
+    dict (see ``format_table``).
 
     Args:
         model: a FusionNet (already on ``device``); run in eval mode, its training flag restored.
+        data_dir: a dataset directory; its test split is used unless ``test_records`` is given.
         n_per_pattern: setting 1 start states per zone pattern (None = 16), drawn with ``seed``
-            from the effective ops of all test trajectories of that pattern.
+            from the effective ops of all test trajectories of that pattern; also setting 3's
+            trajectories per zone pattern (the seed's was 25).
         anneal_per_pattern: setting 2 test trajectories per zone pattern (None = ``n_per_pattern // 2``, >= 1).
         anneal_iters: setting 2 op budget (None = each record's own ``iters``).
         model_every: annealing proposals between model calls (when the state changed).
-        smoke: at most 2 starts and 1 trajectory per pattern, 150 annealing proposals.
+        smoke: at most 2 starts/trajectories and 1 annealed trajectory per pattern, 150 annealing proposals.
+        test_records: held-out records (``trajectories.load_trajectories`` of a file in the seed's
+            format, or teacher records) used instead of the test split.
 
     Returns:
-        ``{"setting1": {pattern | "overall": row}, "setting2": {...}, "overall": setting 1's overall
-        row, "seed", "n_test_trajectories", "runtime_s", "descriptions"}``; rows hold
-        ``model_*``/``random_*`` (setting 1) or ``model_*``/``uniform_*`` (setting 2) means;
-        ``*_fraction`` values are in ``[0, 1]``, a mean over no items is ``None``.
+        ``{"setting1": {pattern | "overall": row}, "setting2": {...}, "setting3": {...}, "overall":
+        setting 1's overall row, "seed", "n_test_trajectories", "runtime_s", "descriptions"}``; rows
+        hold ``model_*``/``random_*`` (settings 1, 3) or ``model_*``/``uniform_*`` (setting 2) means;
+        ``*_fraction`` values are in ``[0, 1]``, ``*_pct`` in percent, a mean over no items is ``None``.
     """
     started = time.perf_counter()
     n_per_pattern = 16 if n_per_pattern is None else n_per_pattern
     anneal_n = max(1, n_per_pattern // 2) if anneal_per_pattern is None else anneal_per_pattern
     if smoke:
         n_per_pattern, anneal_n, anneal_iters = min(n_per_pattern, 2), min(anneal_n, 1), min(anneal_iters or 150, 150)
-    records = load_test_records(data_dir)
+    records = load_test_records(data_dir) if test_records is None else test_records
     by_pattern: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         by_pattern[rec["zone_pattern"]].append(rec)
-    starts, anneal_records = [], []
+    starts, anneal_records, seed_records = [], [], []
     for k, pattern in enumerate(sorted(by_pattern)):
         recs = by_pattern[pattern]
         pool = [s for rec in recs for s in mid_trajectory_starts(rec)]
         starts += _pick(pool, n_per_pattern, _rng(seed, 0, k, 0))
         anneal_records += _pick(recs, anneal_n, _rng(seed, 0, k, 1))
+        seed_records += _pick(recs, n_per_pattern, _rng(seed, 0, k, 2))
     was_training = model.training
     model.eval()
     try:
         score = model_scorer(model, device=device, max_batch=max_batch)
         greedy = _greedy_setting(starts, score, seed)
         annealed = _anneal_setting(anneal_records, score, seed, anneal_iters, model_every)
+        seeded = _seed_protocol_setting(seed_records, score, seed)
     finally:
         model.train(was_training)
-    setting1, setting2 = _rows(greedy, _greedy_row), _rows(annealed, _anneal_row)
+    setting1, setting2, setting3 = (rows_by_pattern(greedy, greedy_row), rows_by_pattern(annealed, anneal_row),
+                                    rows_by_pattern(seeded, seed_protocol_row))
     return {
         "seed": seed, "smoke": smoke, "n_test_trajectories": len(records),
-        "setting1": setting1, "setting2": setting2, "overall": setting1["overall"],
+        "test_source": "test split" if test_records is None else "test_records",
+        "setting1": setting1, "setting2": setting2, "setting3": setting3, "overall": setting1["overall"],
         "runtime_s": round(time.perf_counter() - started, 2),
         "descriptions": {
             "setting1": "greedy from mid-trajectory states (an improving op exists): model-ranked vs random "
                         "order, same number of op checks; oracle = brute-force greedy over all deltas",
-            "setting2": "annealing from the initial paths (local minima), teacher schedule: model-weighted vs "
+            "setting2": "annealing from the initial paths (nearly local minima), teacher schedule: model-weighted vs "
                         "uniform proposals (the teacher), same proposal budget; teacher = the record's result",
+            "setting3": "the seed's inference protocol from the initial paths (history seeding, K x 8 "
+                        "per-hypothesis candidates, exploration 0.15, adaptive give-up) vs random order at the "
+                        "same op checks; teacher = the record's initial -> final",
         },
     }
-
-
-# -- report ------------------------------------------------------------------------------------
-def _fmt(value: Any, kind: str) -> str:
-    if value is None:
-        return "-"
-    return {"pct": f"{100 * value:.0f}%", "f1": f"{value:.1f}", "f2": f"{value:.2f}", "int": f"{value:.0f}"}[kind]
-
-
-def _table(title: str, rows: dict[str, dict], columns: list[tuple[str, str, str]]) -> str:
-    header = ["pattern"] + [c[0] for c in columns]
-    body = [[name] + [_fmt(row.get(key), kind) for _, key, kind in columns] for name, row in rows.items()]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    rule = "-" * len(line(header))
-    return "\n".join([title, rule, line(header), rule, *map(line, body[:-1]), rule, line(body[-1])])
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """One text table per setting: rows = zone patterns + overall."""
-    t1 = _table("Setting 1: greedy from mid-trajectory states, model vs random order at the same try budget",
-                results["setting1"], [
-                    ("n", "n", "int"), ("start", "start_crossings", "f1"),
-                    ("red model", "model_mean_reduction", "f2"), ("red random", "random_mean_reduction", "f2"),
-                    ("impr model", "model_improved_fraction", "pct"),
-                    ("impr random", "random_improved_fraction", "pct"),
-                    ("1st model", "model_tries_to_first", "f1"), ("1st random", "random_tries_to_first", "f1"),
-                    ("tries", "model_mean_tries", "f1"), ("red oracle", "oracle_mean_reduction", "f2"),
-                    ("red teacher", "teacher_rest_mean_reduction", "f2")])
-    t2 = _table("Setting 2: annealing from the initial paths, model-weighted vs uniform proposals (teacher)",
-                results["setting2"], [
-                    ("n", "n", "int"), ("initial", "initial_crossings", "f1"), ("budget", "budget", "int"),
-                    ("red model", "model_mean_reduction", "f2"), ("red uniform", "uniform_mean_reduction", "f2"),
-                    ("impr model", "model_improved_fraction", "pct"),
-                    ("impr uniform", "uniform_improved_fraction", "pct"),
-                    ("reach model", "model_reached_teacher_fraction", "pct"),
-                    ("reach uniform", "uniform_reached_teacher_fraction", "pct"),
-                    ("ops model", "model_ops_to_teacher", "int"), ("ops uniform", "uniform_ops_to_teacher", "int"),
-                    ("red teacher", "teacher_mean_reduction", "f2")])
-    notes = ("red = mean crossing reduction; impr = share of grids improved; 1st = mean tries to the first "
-             "improvement (improved grids only); tries = op checks per grid (both searches); reach = share "
-             "reaching the teacher record's result, ops = proposals needed (those that reached it)")
-    return f"{t1}\n\n{t2}\n{notes}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -361,7 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="a CheckpointManager directory (its best) or one step_* checkpoint in it")
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=None, help="dataset directory (its test split)")
+    parser.add_argument("--test-trajectories", type=Path, default=None, metavar="FILE.jsonl",
+                        help="held-out trajectories in the seed's JSONL format, instead of the test split")
     parser.add_argument("--n-per-pattern", type=int, default=16)
     parser.add_argument("--anneal-iters", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -369,10 +333,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if (args.data is None) == (args.test_trajectories is None):
+        parser.error("give one of --data (its test split) and --test-trajectories")
+    test_records = None
+    if args.test_trajectories is not None:
+        test_records, counts = load_trajectories(args.test_trajectories)
+        print(f"test trajectories {args.test_trajectories}: {format_counts(counts)}")
     net = FusionNet(**(saved_model_config(args.checkpoint) or {})).to(args.device)
     loaded = load_checkpoint(args.checkpoint, net)
     results = run_evaluation(net, args.data, n_per_pattern=args.n_per_pattern, seed=args.seed, device=args.device,
-                             smoke=args.smoke, anneal_iters=args.anneal_iters)
+                             smoke=args.smoke, anneal_iters=args.anneal_iters, test_records=test_records)
     print(f"checkpoint {loaded['path']}\n{format_table(results)}")
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))

@@ -34,7 +34,12 @@ from fusion.env import FusionEnv
 from fusion.grid import init_path
 from fusion.ops import Op
 
-__all__ = ["Replay", "ReplayStep", "env_from_record", "replay", "replay_steps", "run_teacher", "temperature"]
+__all__ = ["SCHEDULE", "Replay", "ReplayStep", "env_from_record", "replay", "replay_steps", "run_teacher",
+           "temperature"]
+
+#: The teacher's annealing defaults (``iters``, ``t_max``, ``t_min``); the annealing baselines use them
+#: for records that carry no schedule of their own (trajectory files in the seed's format).
+SCHEDULE = {"iters": 3000, "t_max": 3.0, "t_min": 0.05}
 
 
 def temperature(i: int, iters: int, t_max: float, t_min: float) -> float:
@@ -42,8 +47,9 @@ def temperature(i: int, iters: int, t_max: float, t_min: float) -> float:
     return t_min + (t_max - t_min) / (1.0 + math.exp(-(10.0 / iters) * (iters / 2 - i)))
 
 
-def run_teacher(width: int, height: int, zone_pattern: str, seed: int, *, iters: int = 3000, t_max: float = 3.0,
-                t_min: float = 0.05, init_pattern: str = "zigzag", stripe_direction: str = "v", num_zones: int = 3,
+def run_teacher(width: int, height: int, zone_pattern: str, seed: int, *, iters: int = SCHEDULE["iters"],
+                t_max: float = SCHEDULE["t_max"], t_min: float = SCHEDULE["t_min"], init_pattern: str = "zigzag",
+                stripe_direction: str = "v", num_zones: int = 3,
                 num_islands: int = 3, island_size: int | None = None, refresh_every: int | None = None,
                 run_id: str | None = None) -> dict:
     """One annealing run; returns its JSON-able record.

@@ -238,7 +238,7 @@ def test_build_is_reproducible_regardless_of_worker_count(tmp_path):
 
 
 def test_unfinished_builds_are_rebuilt_and_finished_ones_never_silently_overwritten(tmp_path, monkeypatch):
-    import fusion.build_data as bd
+    import fusion.store_build as sb
 
     out = tmp_path / "data"
     (out / "train").mkdir(parents=True)
@@ -261,7 +261,7 @@ def test_unfinished_builds_are_rebuilt_and_finished_ones_never_silently_overwrit
     def crash(*args, **kwargs):
         raise RuntimeError("killed before the summary")
 
-    monkeypatch.setattr(bd, "_summary", crash)
+    monkeypatch.setattr(sb, "_summary", crash)
     with pytest.raises(RuntimeError, match="killed before the summary"):
         build_dataset(out, workers=1, seed=1, force=True, verbose=False, **TINY)
     assert not (out / "build.json").exists()  # a crashed rebuild is never mistaken for a finished one

@@ -41,6 +41,19 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fusion_ddp.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def test_warmup_is_a_fraction_or_a_step_count():
+    from fusion_ddp import parse_args, warmup_steps
+
+    steps = parse_args(["--warmup", "2000"]).warmup
+    assert steps == 2000 and isinstance(steps, int)
+    assert parse_args([]).warmup == 0.05 and isinstance(parse_args(["--warmup", "0.05"]).warmup, float)
+    assert warmup_steps(2000, 10_000) == 2000 and warmup_steps(0.05, 10_000) == 500
+    assert warmup_steps(2000, 800) == 799  # never the whole run: the cosine needs a step
+    for bad in ("1.5", "-3", "x"):
+        with pytest.raises(SystemExit):
+            parse_args(["--warmup", bad])
+
+
 def random_inputs(batch: int, height: int, width: int, history_len: list[int], seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, IN_CHANNELS, height, width, generator=g)
@@ -55,7 +68,7 @@ def random_inputs(batch: int, height: int, width: int, history_len: list[int], s
 @pytest.mark.parametrize("size", [16, 32])
 def test_forward_backward_k4(size):
     torch.manual_seed(0)
-    net = FusionNet(widths=(8, 16, 16, 16), hypotheses=4, rnn_hidden=16)
+    net = FusionNet(widths=(8, 16, 16, 16), levels=4, hypotheses=4, rnn_hidden=16)
     x, history, length, initial = random_inputs(2, size, size, [0, 5])
     out = net(x, history, length, initial)
     assert out.position.shape == (2, 4, size, size)
@@ -68,7 +81,7 @@ def test_forward_backward_k4(size):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     # the heads and the (zero-initialised) FiLM projections learn from the first step
     film = [p.grad for n, p in net.named_parameters() if ".film." in n]
-    assert len(film) == 3 and all(g.abs().sum() > 0 for g in film)
+    assert len(film) == 4 and all(g.abs().sum() > 0 for g in film)
     assert net.position_head.out.weight.grad.abs().sum() > 0
     assert net.action_head.out.weight.grad.abs().sum() > 0
 

@@ -9,17 +9,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from fusion import infer
 from fusion.encoding import legal_anchor_mask, state_channels
 from fusion.env import FusionEnv
 from fusion.grid import count_crossings, is_hamiltonian_path
 from fusion.infer import (
     _greedy_setting,
+    _seed_protocol_setting,
     format_table,
     load_test_records,
     mid_trajectory_starts,
     model_scorer,
     run_evaluation,
 )
+from fusion.inference_table import seed_protocol_row
 from fusion.model import FusionNet
 from fusion.ops import OPS, Op
 from fusion.search import (
@@ -378,7 +381,7 @@ def test_run_evaluation_returns_the_documented_structure(smoke_data, model):
     json.dumps(results, allow_nan=False)
     assert results["n_test_trajectories"] == len(json.loads((smoke_data / "splits.json").read_text())["test"])
     assert results["overall"] == results["setting1"]["overall"]
-    for setting, other in (("setting1", "random"), ("setting2", "uniform")):
+    for setting, other in (("setting1", "random"), ("setting2", "uniform"), ("setting3", "random")):
         rows = results[setting]
         assert list(rows) == [*PATTERNS, "overall"]
         assert rows["overall"]["n"] == sum(rows[p]["n"] for p in PATTERNS)
@@ -391,12 +394,57 @@ def test_run_evaluation_returns_the_documented_structure(smoke_data, model):
         assert results["setting1"][p]["model_mean_tries"] == results["setting1"][p]["random_mean_tries"] or \
             results["setting1"][p]["random_mean_tries"] < results["setting1"][p]["model_mean_tries"]
         assert results["setting2"][p]["budget"] == 150
+        test_of_pattern = sum(r["zone_pattern"] == p for r in load_test_records(smoke_data))
+        assert results["setting3"][p]["n"] == min(2, test_of_pattern) and results["setting3"][p]["n"] >= 1
+        assert results["setting3"][p]["teacher_mean_reduction"] > 0
         assert results["setting1"][p]["oracle_mean_reduction"] >= 1  # the start has an improving op
     assert model.training is False
     table = format_table(results)
-    assert "Setting 1" in table and "Setting 2" in table
+    assert "Setting 1" in table and "Setting 2" in table and "Setting 3: the seed's inference protocol" in table
     for name in (*PATTERNS, "overall"):
-        assert sum(line.startswith(name) for line in table.splitlines()) == 2
+        assert sum(line.startswith(name) for line in table.splitlines()) == 3
     again = run_evaluation(model, smoke_data, n_per_pattern=2, seed=0, smoke=True)
     assert {k: v for k, v in again.items() if k != "runtime_s"} == {k: v for k, v in results.items()
                                                                     if k != "runtime_s"}
+
+
+def test_setting3_runs_the_seeds_protocol_from_the_initial_paths(records, model, monkeypatch):
+    """History seeding, K x 8 candidates, exploration 0.15 and the adaptive give-up (greedy_search's defaults, the
+    seed's) from each record's initial path, and the random order at exactly the model search's op checks."""
+    calls = []
+
+    def spy(env, **kwargs):
+        calls.append((env.crossings, kwargs))
+        return greedy_search(env, **kwargs)
+
+    monkeypatch.setattr(infer, "greedy_search", spy)
+    recs = [records[p][0] for p in PATTERNS]
+    items = _seed_protocol_setting(recs, model_scorer(model), seed=0)
+    model_calls, random_calls = calls[:len(recs)], calls[len(recs):]
+    for rec, (start, kwargs) in zip(recs, model_calls):
+        assert start == rec["initial_crossings"] and kwargs["guide"] == "model" and len(kwargs["history"]) == 0
+        assert set(kwargs) == {"env", "history", "initial_crossings", "rng", "guide"} - {"env"}  # seed's defaults
+        assert kwargs["initial_crossings"] == rec["initial_crossings"]
+    for item, (_, kwargs) in zip(items, random_calls):
+        assert kwargs["guide"] == "random" and kwargs["max_tries"] == item["model"]["tries"] == item["random"]["tries"]
+    for rec, item in zip(recs, items):
+        assert item["model"]["initial"] == rec["initial_crossings"] and item["teacher_final"] == rec["final_crossings"]
+        # these four zigzag starts admit no improving single op (a mid-trajectory start would): nothing is seeded
+        assert item["model"]["final"] == item["model"]["initial"] and item["model"]["seeded"] == 0
+        assert item["model"]["tries"] >= 50 and item["model"]["reason"] in ("failures", "exhausted")
+
+
+def test_setting3_row_is_the_seeds_table():
+    def item(pattern, initial, final_model, final_random, teacher_initial, teacher_final):
+        return {"pattern": pattern, "initial": initial, "teacher_initial": teacher_initial,
+                "teacher_final": teacher_final, "model": {"initial": initial, "final": final_model, "tries": 10,
+                                                          "seeded": 1},
+                "random": {"initial": initial, "final": final_random, "tries": 10, "seeded": 0}}
+
+    row = seed_protocol_row([item("v", 20, 15, 20, 20, 16), item("v", 10, 10, 9, 12, 10)])
+    assert row["model_mean_reduction"] == 2.5 and row["model_mean_reduction_pct"] == pytest.approx(12.5)
+    assert row["random_mean_reduction"] == 0.5 and row["random_mean_reduction_pct"] == pytest.approx(5.0)
+    assert row["teacher_mean_reduction"] == 3.0
+    assert row["teacher_mean_reduction_pct"] == pytest.approx((20 + 50 / 3) / 2)
+    assert row["model_reached_teacher_fraction"] == 1.0 and row["random_reached_teacher_fraction"] == 0.5
+    assert row["model_improved_fraction"] == 0.5 and row["random_improved_fraction"] == 0.5
