@@ -13,6 +13,7 @@ trajectories).
     python examples/fusion_ddp.py                                          # one process
     torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py        # default CPU run
     torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py --resume auto
+    torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py --fsdp # FSDP2, sharded checkpoints
     python examples/fusion_ddp.py --eval runs/fusion/checkpoints           # inference table only
     python examples/fusion_ddp.py --trajectories final_dataset.jsonl --test-trajectories test.jsonl
 
@@ -55,12 +56,13 @@ from fusion.model import FusionNet
 from fusion.plots import plot_curves, plot_heatmaps
 from fusion.trajectories import format_counts, load_trajectories
 
-from blockyard.blocks import count_parameters
+from blockyard.blocks import DecoderLevel, EncoderLevel, count_parameters
 from blockyard.data import BucketBatchSampler, GroupedStore
 from blockyard.losses import CompositeLoss, neighborhood_cross_entropy, wta_heatmap_loss
 from blockyard.train import EMA, Dashboard, EarlyStopping, RunDir, Stepper, autocast, warmup_cosine
 from blockyard.train.cli import add_common_args, kill_point, main_print, per_rank_batch, run_config
 from blockyard.train.distributed import all_reduce_sum, barrier, setup_distributed, teardown_distributed, wrap_ddp
+from blockyard.train.sharding import gathered, shard_model
 from blockyard.train.sweeps import seed_everything
 
 # may change between a run and its resume without changing its results
@@ -69,7 +71,7 @@ NOT_CONFIG = ("data", "workers", "loader_workers", "checkpoint_every", "eval")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, out="runs/fusion", lr=4e-4, precision="bf16")
+    add_common_args(p, out="runs/fusion", lr=4e-4, precision="bf16", fsdp=True)
     p.set_defaults(out=None)  # --eval's default differs (see above)
     p.add_argument("--data", default=None, help="dataset directory (default OUT/data; built if missing)")
     p.add_argument("--trajectories", default=None, metavar="FILE.jsonl",
@@ -161,8 +163,9 @@ def main(argv=None) -> None:
     # --- model: FusionNet from blockyard blocks (examples/fusion/model.py) -------------------
     model_config = model_config_of(args)
     net = build_model(model_config, device, bool(args.channels_last))
-    model = wrap_ddp(net, info)
-    ema = EMA(net, decay=args.ema) if args.ema > 0 else None
+    ema = EMA(net, decay=args.ema) if args.ema > 0 else None  # before sharding: FSDP2 modules cannot be copied
+    model = (shard_model(net, modules=(EncoderLevel, DecoderLevel), precision=args.precision, ema=ema) if args.fsdp
+             else wrap_ddp(net, info))
     say(f"FusionNet {model_config}: {count_parameters(net):,} parameters, channels_last={bool(args.channels_last)}")
 
     # --- loss: 5 x WTA heatmap + neighbourhood action CE + 0.5 x hypothesis diversity ----------
@@ -189,7 +192,7 @@ def main(argv=None) -> None:
                       clip_value=1.0, ema=ema,
                       schedule=lambda s: warmup_cosine(s, total_steps, warmup, args.lr, min_lr=0.01 * args.lr))
     stopper = EarlyStopping(args.patience)
-    ckpt = run.checkpoints(every=args.checkpoint_every, keep_last=1)
+    ckpt = run.checkpoints(every=args.checkpoint_every, keep_last=1, sharded=args.fsdp)
     state = {"model": model, "optimizer": optimizer, "stepper": stepper, "stopper": stopper,
              **({"ema": ema} if ema is not None else {})}
     resumed = run.resume_from(ckpt, state)
@@ -221,7 +224,8 @@ def main(argv=None) -> None:
                 kill_point(args.kill_at_step, stepper.steps)
                 dash.update(stepper.steps, epoch=epoch, loss=loss.total.detach(), lr=stepper.lr)
         train = all_reduce_sum(sums).tolist()
-        val = validate(ema.module if ema is not None else net, val_loader, forward, args.hypotheses, prior, device)
+        with gathered(ema.module if ema is not None else net) as eval_model:  # FSDP2: whole weights, no collectives
+            val = validate(eval_model, val_loader, forward, args.hypotheses, prior, device)
         record = {"epoch": epoch, "opt_step": stepper.steps, "lr": stepper.lr, "train_loss": train[1] / train[0],
                   "train_pos": train[2] / train[0], "train_act": train[3] / train[0], **val,
                   "skipped_steps": stepper.skipped, "epoch_time_s": time.perf_counter() - epoch_start}
@@ -240,6 +244,9 @@ def main(argv=None) -> None:
     records = log.read() if is_main else []
     log.close()
     if is_main:
+        if args.fsdp:  # the main process evaluates alone: the best checkpoint's shards, whole, in a plain model
+            net = build_model(model_config, device, bool(args.channels_last))
+            ema = EMA(net, decay=args.ema) if ema is not None else None
         weights = {"model": net, **({"ema": ema} if ema else {})}
         best = ckpt.load_best(weights) or ckpt.load_latest(weights)  # the latest when no val loss was finite
         best_record = next(r for r in records if r["epoch"] == best["epoch"])
