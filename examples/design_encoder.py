@@ -13,14 +13,15 @@ IoU > 0.85, colour accuracy > 0.80, hierarchy MSE < 0.05) and against predicting
 design (every pixel background), which already scores the background's share of colour accuracy,
 so the table also reports colour accuracy on non-background pixels.
 
-    python examples/design_encoder.py                            # 64 px, widths 16,32,64, 2 epochs
+    python examples/design_encoder.py                            # 64 px, widths 16,32,64, 1 epoch
     python examples/design_encoder.py --smoke --out /tmp/encoder
     torchrun --standalone --nproc_per_node=2 examples/design_encoder.py --resume auto
     python examples/design_encoder.py --seed-scale               # 256 px, widths 64..1024 (a GPU)
 
 Defaults: 20,000 designs at 64 px (16,000 for training; data built on first use in OUT/../data),
-AdamW at --lr 3e-3 with warmup-cosine, global batch 32, fp32. --smoke: 300 designs, widths 8,16.
---seed-scale: the seed's 256 px and widths (64, 128, 256, 512, 1024), 10,000 designs, 10 epochs.
+1 epoch of AdamW at --lr 3e-3 with warmup-cosine, global batch 32, fp32. --smoke: 300 designs, widths 8,16,
+3 epochs of batch 8 at lr 1e-2. --seed-scale: the seed's 256 px and widths (64, 128, 256, 512, 1024),
+10,000 designs, 10 epochs at lr 1e-3.
 
 Writes to --out: run.json, model.json and checkpoints/ (read by design/models.py's load_encoder),
 metrics.jsonl, summary.json, predictions.png (input, truth and prediction of held-out designs).
@@ -67,8 +68,8 @@ from blockyard.train import (
 )
 
 #: flag -> (CPU default, --smoke, --seed-scale)
-SIZES = {"designs": (20_000, 300, 10_000), "size": (64, 64, 256), "epochs": (2, 3, 10), "batch_size": (32, 16, 32),
-         "widths": ((16, 32, 64), (8, 16), (64, 128, 256, 512, 1024))}
+SIZES = {"designs": (20_000, 300, 10_000), "size": (64, 64, 256), "epochs": (1, 3, 10), "batch_size": (32, 8, 32),
+         "lr": (3e-3, 1e-2, 1e-3), "widths": ((16, 32, 64), (8, 16), (64, 128, 256, 512, 1024))}
 #: the seed's success criteria: metric -> (threshold, "above" or "below")
 CRITERIA = {"text_iou": (0.90, "above"), "image_iou": (0.85, "above"), "color_accuracy": (0.80, "above"),
             "color_accuracy_fg": (None, None), "hierarchy_mse": (0.05, "below")}
@@ -82,7 +83,7 @@ def ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, out="runs/design/encoder", lr=3e-3)
+    add_common_args(p, out="runs/design/encoder")  # --lr: 3e-3 (smoke 1e-2, seed scale 1e-3)
     add_data_args(p)
     p.add_argument("--widths", type=ints, default=None, help="U-Net widths, finest first (default 16,32,64)")
     p.add_argument("--blocks-per-level", type=int, default=1, help="residual blocks per U-Net level")
