@@ -145,6 +145,20 @@ def unitwise_norm(x: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
     return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=dtype)
 
 
+def _settled(norm: torch.Tensor) -> torch.Tensor:
+    """A norm of FSDP2 (DTensor) shards, reduced over the ranks where it is a partial result.
+
+    A unit spanning the sharded dim 0 (a bias: one unit) has its norm split over the ranks; the
+    in-place clamps below need it whole. Per-row norms of a dim-0 shard are local already.
+    """
+    placements = getattr(norm, "placements", ())
+    if not any(p.is_partial() for p in placements):
+        return norm
+    from torch.distributed.tensor import Replicate
+
+    return norm.redistribute(placements=[Replicate() if p.is_partial() else p for p in placements])
+
+
 @torch.no_grad()
 def adaptive_clip_grad_(params: ParamsLike, clip_factor: float = 0.01, eps: float = 1e-3,
                         norm_type: float = 2.0) -> None:
@@ -181,10 +195,10 @@ def adaptive_clip_grad_(params: ParamsLike, clip_factor: float = 0.01, eps: floa
     if not params:
         return
     grads = [p.grad for p in params]
-    max_norms = [unitwise_norm(p.detach(), norm_type) for p in params]
+    max_norms = [_settled(unitwise_norm(p.detach(), norm_type)) for p in params]
     torch._foreach_clamp_min_(max_norms, eps)
     torch._foreach_mul_(max_norms, clip_factor)
-    grad_norms = [unitwise_norm(g.detach(), norm_type) for g in grads]
+    grad_norms = [_settled(unitwise_norm(g.detach(), norm_type)) for g in grads]
     torch._foreach_clamp_min_(grad_norms, 1e-6)
     scale = torch._foreach_div(max_norms, grad_norms)
     # min(1, ratio) keeps small units exactly unchanged (x * 1.0 == x) and avoids a host sync.

@@ -108,9 +108,9 @@ def test_a_list_of_submodules_selects_exactly_those(world_of_one):
     assert [isinstance(m, fsdp) for m in model] == [False, False, True, False]
 
 
-def _train(model: nn.Module, steps: int = 3) -> list[torch.Tensor]:
+def _train(model: nn.Module, steps: int = 3, clip: str = "norm", clip_value: float = 0.2) -> list[torch.Tensor]:
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    stepper = Stepper(model, opt, clip_value=0.2)
+    stepper = Stepper(model, opt, clip=clip, clip_value=clip_value)
     g = torch.Generator().manual_seed(2)
     for i in range(steps):
         x = torch.randn(5, 3, generator=g)
@@ -121,13 +121,18 @@ def _train(model: nn.Module, steps: int = 3) -> list[torch.Tensor]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("cpu_offload", [False, True], ids=["on-device", "cpu-offload"])
-def test_sharded_training_on_one_rank_equals_plain_training(world_of_one, cpu_offload):
-    plain = _train(make_model())
-    sharded = _train(shard_model(make_model(), modules=Block, cpu_offload=cpu_offload))
+@pytest.mark.parametrize("cpu_offload, clip, value", [(False, "norm", 0.2), (True, "norm", 0.2),
+                                                      (False, "agc", 0.01), (False, "value", 0.05)],
+                         ids=["on-device", "cpu-offload", "agc", "value"])
+def test_sharded_training_on_one_rank_equals_plain_training(world_of_one, cpu_offload, clip, value):
+    """Clipping that bites (norm, value, unit-wise AGC: a bias is one unit spanning the shards) included."""
+    plain = _train(make_model(), clip=clip, clip_value=value)
+    sharded = _train(shard_model(make_model(), modules=Block, cpu_offload=cpu_offload), clip=clip, clip_value=value)
     for a, b in zip(sharded, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(plain, make_model().parameters())) > 0.05
+    unclipped = _train(make_model(), clip=None)
+    assert max((a - b).abs().max().item() for a, b in zip(plain, unclipped)) > 1e-3  # the clipping bites
 
 
 @pytest.mark.distributed
