@@ -27,6 +27,10 @@ weights); --resume auto keeps the finished runs and starts the others anew.
     python examples/fno_shootout.py --patch 64 --levels 4 --stage-b-levels 6,8   # the plan's geometry
     torchrun --standalone --nproc_per_node=2 examples/fno_shootout.py   # runs shared across ranks
     python examples/fno_shootout.py --resume auto        # continue an interrupted sweep
+    torchrun --standalone --nproc_per_node=4 examples/fno_shootout.py --fsdp --hidden 64   # each run on all ranks
+
+--fsdp: every run is trained by all processes together instead (FSDP2: its FNO blocks sharded,
+each process 1/world of every batch), for widths whose model and Adam state outgrow one device.
 """
 from __future__ import annotations
 
@@ -53,9 +57,11 @@ from blockyard.data import write_json_atomic
 from blockyard.train import (
     ActivationMonitor,
     Dashboard,
+    DistInfo,
     RunDir,
     Stepper,
     add_common_args,
+    all_reduce_sum,
     autocast,
     barrier,
     kill_point,
@@ -63,6 +69,7 @@ from blockyard.train import (
     run_config,
     seed_everything,
     setup_distributed,
+    shard_model,
     teardown_distributed,
     warmup_cosine,
 )
@@ -72,7 +79,7 @@ EPOCH_CAP = 20  # the plan: "test/comparison runs must use <= 20 epochs unless e
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, out="runs/fno", epochs=EPOCH_CAP, batch_size=16, lr=1e-3)
+    add_common_args(p, out="runs/fno", epochs=EPOCH_CAP, batch_size=16, lr=1e-3, fsdp=True)
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     p.add_argument("--seeds", type=int, default=3, help="runs per arm; run i uses the seed (--seed + i)")
     p.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps")
@@ -179,7 +186,7 @@ def load_record(out: Path, job: Job):
         return None
 
 
-def run_one(job: Job, args, out: Path, device, steps_before=0):
+def run_one(job: Job, args, out: Path, device, steps_before=0, info: DistInfo | None = None):
     """Train one job; write its weights, then its record (which marks the run finished).
 
     --kill-at-step K (tests) SIGKILLs this process at its K-th optimizer step of the sweep, this run's
@@ -197,8 +204,14 @@ def run_one(job: Job, args, out: Path, device, steps_before=0):
     scale = loss_scale(train, args.loss)
     model = PtychoNet(arm.block, args.hidden, job.levels, args.modes, args.blocks_per_level, rms,
                       max_channels=args.max_channels).to(device)
+    rank, world = (info.rank, info.world_size) if args.fsdp and info is not None else (0, 1)
+    if args.fsdp:  # all ranks train this run: its FNO blocks sharded, each rank 1/world of every batch
+        model = shard_model(model, modules=(FNOBlock, StableFNOBlock), precision=args.precision)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # ~4x faster step
     n = len(train.diffraction)
+    if world > 1 and (args.batch_size < world or 0 < n % args.batch_size < world):
+        raise ValueError(f"--batch-size: under --fsdp every batch needs >= {world} rows (one per process), got "
+                         f"{n} patches in batches of {args.batch_size} (the last of {n % args.batch_size})")
     total = args.epochs * math.ceil(n / args.batch_size)
     warmup = int(args.warmup * total)
     # no non-finite skip: a diverging arm must fail; arms without clipping measure the norm (clip at inf)
@@ -214,16 +227,18 @@ def run_one(job: Job, args, out: Path, device, steps_before=0):
         order = torch.randperm(n, generator=gen).to(device)
         epoch_loss = torch.zeros((), device=device)
         for j, i in enumerate(range(0, n, args.batch_size)):
-            x = train_x[order[i:i + args.batch_size]]
+            batch = train_x[order[i:i + args.batch_size]]
+            x = batch[rank::world]
             with stepper.micro_batch(j) as mb:
                 with autocast(device, args.precision):
                     loss = physics_loss(model(x), x, probe, args.loss, scale)
-                stepper.backward(loss)
+                stepper.backward(loss * (len(x) * world / len(batch)))  # ranks averaged: the batch's mean
             lr = stepper.lr
             if mb.step and stepper.step():  # False only when the fp16 scaler skips an overflow
                 grad_norms.append(stepper.grad_norm)
                 kill_point(args.kill_at_step, steps_before + stepper.steps)
             epoch_loss += loss.detach() * len(x)
+        epoch_loss = all_reduce_sum(epoch_loss) if args.fsdp else epoch_loss
         val, amp, phase = evaluate(model, test, probe, args, scale)
         curve.append(dict(step=stepper.steps, epoch=epoch + 1, train_loss=float(epoch_loss) / n, val_loss=val, lr=lr))
         if not (math.isfinite(curve[-1]["train_loss"]) and math.isfinite(val)):
@@ -247,11 +262,14 @@ def run_one(job: Job, args, out: Path, device, steps_before=0):
     }
     # weights first (pickle-free); the record, written last and atomically, marks the run finished
     stem = job.stem(out)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, f"{stem}_model.safetensors")
-    save_file({"amplitude": amp.contiguous(), "phase": phase.contiguous(),
-               "true_amplitude": region.abs().contiguous(), "true_phase": region.angle().contiguous()},
-              f"{stem}_recon.safetensors")
-    write_json_atomic(f"{stem}.json", record)  # by the rank that trained it (RunDir writes on rank 0 only)
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}  # --fsdp: the shards gathered, on every rank
+    if rank == 0:  # under --fsdp every rank trained this run; one writes it
+        save_file(weights, f"{stem}_model.safetensors")
+        save_file({"amplitude": amp.contiguous(), "phase": phase.contiguous(),
+                   "true_amplitude": region.abs().contiguous(), "true_phase": region.angle().contiguous()},
+                  f"{stem}_recon.safetensors")
+        write_json_atomic(f"{stem}.json", record)  # by the rank that trained it (RunDir writes on rank 0 only)
     return record
 
 
@@ -259,12 +277,12 @@ def sweep(stage: str, jobs: list[Job], args, run: RunDir, info, steps: int) -> t
     """Train the unfinished ``jobs``, shared out over the ranks; every job's record, on every rank."""
     todo = [j for j in jobs if not run.resumed or load_record(run.path, j) is None]
     barrier()  # every rank has listed the finished runs before any rank adds one
-    mine = todo[info.rank::info.world_size]
+    mine = todo if args.fsdp else todo[info.rank::info.world_size]
     main_print(info.is_main)(f"Stage {stage}: {len(jobs)} runs ({len(jobs) - len(todo)} already done), "
                              f"{info.world_size} process(es); out: {run.path}")
     with Dashboard(total=max(1, len(mine)), every_s=0 if args.smoke else 30, is_main=info.is_main) as dash:
         for k, job in enumerate(mine):
-            r = run_one(job, args, run.path, info.device, steps)
+            r = run_one(job, args, run.path, info.device, steps, info=info)
             steps += r["stepper"]["steps"]
             dash.update(k + 1, arm=job.arm, levels=job.levels, seed=job.seed, best_val=r["best_val"],
                         failure=r["failure"] or "none")
