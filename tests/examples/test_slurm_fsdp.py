@@ -1,7 +1,8 @@
 """The sbatch scripts' FSDP switch and the multi-node rendezvous, read from the command line each would start.
 
 Each script runs under bash with ``PYTHON=echo``, an ``srun`` that runs its arguments and an ``scontrol``
-that lists two hosts, so the job's command line is printed instead of run."""
+that lists many hosts (a reader that stops at the first would break the pipe), so the job's command line is
+printed instead of run."""
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ def command_line(script: str, tmp_path: Path, *args: str, **env: str) -> list[st
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, body in (("srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"'),
-                       ("scontrol", 'printf "gpu-a17\\ngpu-a18\\n"')):
+                       ("scontrol", 'printf "gpu-a17\\ngpu-a18\\n"; seq -f "gpu-b%g" 20000')):
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     full = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": "echo", "SLURM_SUBMIT_DIR": str(tmp_path), **env}
