@@ -271,7 +271,7 @@ def baseline_scores(train, test) -> dict:
 
 def metadata_table(results: dict, baselines: dict, designs: int) -> str:
     names = list(results)
-    lines = [f"abstractor on {designs} held-out designs (reads:{', '.join(names)}); baselines: chance, majority "
+    lines = [f"abstractor on {designs} held-out designs (reads: {', '.join(names)}); baselines: chance, majority "
              "class or mean, exact Bayes ceiling/floor, Bayes predictor on these designs",
              f"{'metric':<24}" + "".join(f"{n:>16}" for n in names) + f"{'chance':>9}{'maj/mean':>10}{'Bayes':>9}"
              f"{'Bayes here':>12}", "-" * (24 + 16 * len(names) + 40)]
