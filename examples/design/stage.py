@@ -9,6 +9,7 @@ reused afterwards (a finished build with other settings is refused by ``build``)
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +29,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--designs", type=int, default=None, help="designs drawn for the dataset (default 20000)")
     g.add_argument("--size", type=int, default=None, help="rendering size in pixels (default 64; the seed's 256)")
     g.add_argument("--data-seed", type=int, default=0, help="generator seed of the dataset (default 0)")
-    g.add_argument("--workers", type=int, default=1, help="processes building the dataset (default 1)")
+    g.add_argument("--workers", type=int, default=_cpus(), help="processes building the dataset (default: the CPUs "
+                   f"this process may use, {_cpus()})")
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def data_dir(data: str | None, out: str, smoke: bool, size: int) -> Path:
