@@ -6,7 +6,10 @@ conditioned on the timestep by FiLM and on the design's metadata by cross-attent
 tokens (goal, format and tone embeddings; --meta additive: the seed's path, the metadata
 embedding added to the timestep vector). Each field is replaced by its own null token with
 probability --field-drop, all three at once with --cond-drop, so one network is also the
-unconditional model of classifier-free guidance. Trained on epsilon MSE with AdamW, an EMA of
+unconditional model of classifier-free guidance. The U-Net's output is read as the velocity v
+and turned into the noise estimate (--prediction v; design/diffusion.py: with the seed's epsilon
+output a small error at large t is multiplied by ~60 in the clean-sample estimate, and 600 CPU
+steps sampled clipped noise); the loss is the noise MSE (--loss epsilon), AdamW, and an EMA of
 the weights samples.
 
 Evaluation: one DDIM sample (--sample-steps, eta 0) per held-out design's metadata, at each
@@ -30,9 +33,9 @@ guidance scale of --scales, judged by the frozen stage-1 encoder and stage-2 abs
     torchrun --standalone --nproc_per_node=2 examples/design_decoder.py --resume auto
     python examples/design_decoder.py --seed-scale             # 256 px, the seed's widths (a GPU)
 
-Defaults: 20,000 designs at 64 px (data in OUT/../data, built on first use), --steps 600 of a
+Defaults: 20,000 designs at 64 px (data in OUT/../data, built on first use), --steps 1000 of a
 global batch of 32, AdamW --lr 1e-3 warmup-cosine, bf16 autocast (the CPU's AMX; the loss in
-fp32), EMA 0.999, 192 evaluation samples, 20 DDIM steps, scales 1,2,4. --smoke: 300 designs,
+fp32), EMA 0.999, 128 evaluation samples, 20 DDIM steps, scales 1,2,4. --smoke: 300 designs,
 widths 8,16, 60 steps. --seed-scale: 256 px, widths 64,128,256,512 with 2 blocks per level and
 bottleneck self-attention (the seed's decoder), 100,000 steps.
 
@@ -81,10 +84,10 @@ from blockyard.train import (
 )
 
 #: flag -> (CPU default, --smoke, --seed-scale)
-SIZES = {"designs": (20_000, 300, 10_000), "size": (64, 64, 256), "steps": (600, 60, 100_000),
+SIZES = {"designs": (20_000, 300, 10_000), "size": (64, 64, 256), "steps": (1000, 60, 100_000),
          "batch_size": (32, 8, 32), "widths": ((16, 32, 64, 128), (8, 16), (64, 128, 256, 512)),
          "meta_dim": (64, 16, 256), "blocks_per_level": (1, 1, 2), "attention": (0, 0, 1),
-         "eval_samples": (192, 16, 2000), "val_samples": (128, 16, 512), "log_every": (50, 5, 1000),
+         "eval_samples": (128, 16, 2000), "val_samples": (128, 16, 512), "log_every": (50, 5, 1000),
          "ckpt_every": (100, 10, 5000)}
 LOSSES = ("epsilon", "v")
 #: paths and report sizes: not part of what the run trains, free to change on resume
@@ -118,7 +121,7 @@ def parse_args(argv=None):
     g.add_argument("--heads", type=int, default=4, help="cross-attention heads")
     g.add_argument("--context-levels", type=int, default=2, help="lowest resolutions with cross-attention")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
     g.add_argument("--loss", default="epsilon", choices=LOSSES,
                    help="epsilon: MSE of the noise estimate; v: the same error on v (epsilon MSE / alphas_cumprod[t])")
     g.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping all three fields")
@@ -131,7 +134,7 @@ def parse_args(argv=None):
                                                                 "--log-every (default 100)")
     g.add_argument("--val-samples", type=int, default=None, help="held-out designs of the validation loss")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-samples", type=int, default=None, help="generated designs per scale (default 192)")
+    g.add_argument("--eval-samples", type=int, default=None, help="generated designs per scale (default 128)")
     g.add_argument("--sample-steps", type=int, default=20, help="DDIM steps")
     g.add_argument("--scales", type=floats, default=(1.0, 2.0, 4.0), help="guidance scales (default 1,2,4)")
     g.add_argument("--grid", type=int, default=8, help="designs per row of the sample grids")

@@ -1,14 +1,18 @@
-"""Finished run folders of the earlier design stages, holding small randomly initialised models (for the tests).
+"""Finished run folders of the earlier design stages for the decoder stages' tests.
 
 The decoder stages read their critics with ``load_encoder`` / ``load_abstractor`` and stages 4-5
-their decoder with ``load_decoder``; these folders hold what those read (``model.json``, a
-finished ``run.json``, a checkpoint), so the tests run in seconds without training the earlier
-stages. The weights are random but fixed by ``seed``, off the identity-at-init state (every
-weight matters).
+their decoder with ``load_decoder``. :func:`make_critics` and :func:`make_decoder` write folders
+holding what those read (``model.json``, a finished ``run.json``, a checkpoint) with small
+random models, fixed by ``seed`` and off the identity-at-init state (every weight matters), in
+milliseconds. :func:`train_encoder` runs stage 1 itself (``design_encoder.py --smoke``) where a
+random encoder will not do: its soft F is nearly flat, so the grammar reward has nothing to climb.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -50,3 +54,13 @@ def make_decoder(root: Path, seed: int = 0) -> Path:
     decoder = DesignDenoiser(**DECODER)
     leave_identity_init(decoder, std=0.3, seed=seed)
     return finished_run(root / "decoder", DECODER_KIND, DECODER, decoder, checkpoints=DECODER_DIR)
+
+
+def train_encoder(root: Path, timeout: float = 300) -> Path:
+    """``root/encoder``: stage 1 at ``--smoke`` (one process; its data in ``root/data-smoke``)."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "design_encoder.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(root / "encoder")], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"design_encoder.py --smoke failed\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return root / "encoder"

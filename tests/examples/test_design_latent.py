@@ -13,6 +13,7 @@ from gradients import leave_identity_init
 from torchrun_helpers import read_metrics, run_example
 
 from blockyard.blocks import DDPMScheduler
+from blockyard.train import CheckpointManager
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "design_latent.py"
 TIMEOUT = 300
@@ -120,6 +121,15 @@ def test_two_process_smoke_run_raises_the_grammar_score_and_equals_one_process(r
     assert len(rewards) == 3 and rewards[-1] > rewards[0]
     assert set(summary["best_of_n"]) == {"1", "2", "4"} and summary["n_equal_evals"] == 4
     assert (runs[2] / "latent_sequence.png").stat().st_size > 0
+    # every rank holds all of x_T (the gradients are summed over the ranks): rank 0's checkpoint is the whole run's
+    saved = {}
+    for nproc, out in runs.items():
+        latents = Latents(torch.zeros(4, 3, 64, 64), iters=3, show=2)
+        assert CheckpointManager(out / "checkpoints", rng=False).load_latest({"latents": latents})["step"] == 3
+        saved[nproc] = latents
+    torch.testing.assert_close(saved[2].x_T, saved[1].x_T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(saved[2].history, saved[1].history, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(saved[2].history[0], saved[2].history[-1], atol=1e-2)  # it moved
     single = json.loads((runs[1] / "summary.json").read_text())
     for name in ("before (x_T drawn)", "after (x_T optimised)"):
         assert single["results"][name]["grammar_mean"] == pytest.approx(results[name]["grammar_mean"], abs=1e-4)

@@ -13,7 +13,7 @@ from design.models import load_abstractor, load_encoder, one_hot_structure
 from design.render import render
 from design.reward import clean_estimate, formula_structure, grammar_reward
 from design.sampling import Judge
-from design_runs import make_critics, make_decoder
+from design_runs import make_critics, make_decoder, train_encoder
 from gradients import leave_identity_init, without_gradient
 from torch import nn
 from torchrun_helpers import read_metrics, run_example
@@ -110,29 +110,40 @@ def test_abstractor_reward_reads_the_soft_colour_probabilities(critics, one_thre
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, critics):
+def runs(tmp_path_factory):
+    """Stage 4 on a random decoder, with the stage-1 encoder trained at --smoke, once up the reward (lambda 100)
+    and once down it (lambda -100): everything else equal."""
     root = tmp_path_factory.mktemp("reward")
-    out = root / "run"
-    extra = ("--encoder", str(critics[0]), "--abstractor", str(critics[1]), "--decoder", str(make_decoder(root)))
-    proc = run_example(SCRIPT, out, *extra, "--steps", "10", "--lr", "2e-3", "--reward-weight", "100",
-                       timeout=TIMEOUT)
-    return out, proc, root / "decoder"
+    encoder = train_encoder(root / "trained")
+    _, abstractor = make_critics(root)
+    extra = ("--encoder", str(encoder), "--abstractor", str(abstractor), "--decoder", str(make_decoder(root)),
+             "--data", str(root / "trained" / "data-smoke"), "--steps", "10", "--lr", "2e-3")
+    outs = {}
+    for weight in ("100", "-100"):
+        outs[weight] = root / f"run{weight}"
+        outs[weight, "proc"] = run_example(SCRIPT, outs[weight], *extra, "--reward-weight", weight, timeout=TIMEOUT)
+    return outs, root / "decoder"
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_smoke_run_raises_the_grammar_score_and_reports_best_of_n(ddp_run):
-    out, proc, untuned_dir = ddp_run
-    summary = json.loads((out / "summary.json").read_text())
-    results = summary["results"]
+def test_two_process_smoke_run_climbs_the_grammar_reward_and_reports_best_of_n(runs):
+    """Up the reward the tuned decoder's samples (same noise) score higher than the un-tuned ones and than the
+    run down the reward: the reward's gradient, not the epsilon loss, moves the score."""
+    outs, untuned_dir = runs
+    up, down = (json.loads((outs[w] / "summary.json").read_text()) for w in ("100", "-100"))
+    results = up["results"]
     assert list(results) == ["real held-out", "un-tuned", "tuned"]
-    assert results["tuned"]["grammar_mean"] > results["un-tuned"]["grammar_mean"]
-    assert summary["best_of_n"]["1"] == pytest.approx(results["un-tuned"]["grammar_mean"], abs=1e-6)  # same noise
-    records = read_metrics(out / "metrics.jsonl")
+    assert results["tuned"]["grammar_mean"] > results["un-tuned"]["grammar_mean"] + 0.01
+    assert results["tuned"]["grammar_mean"] > down["results"]["tuned"]["grammar_mean"] + 0.01
+    rewards = [r["train_reward"] for r in read_metrics(outs["100"] / "metrics.jsonl")]
+    assert rewards[-1] > rewards[0]
+    assert up["best_of_n"]["1"] == pytest.approx(results["un-tuned"]["grammar_mean"], abs=1e-6)  # the same noise
+    records = read_metrics(outs["100"] / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10]
     # per step: 4 epsilon rows, 4 reward samples of stop + 1 evaluations (stop 5..8: t = 400..100 of 10 steps)
-    assert 10 * (4 + 4 * 6) <= records[-1]["evals"] == summary["finetune_evals"] <= 10 * (4 + 4 * 9)
-    assert summary["n_equal_evals"] == pytest.approx(1 + summary["finetune_evals"] / (8 * 10))
-    tuned, untuned = load_decoder(out), load_decoder(untuned_dir)
+    assert 10 * (4 + 4 * 6) <= records[-1]["evals"] == up["finetune_evals"] <= 10 * (4 + 4 * 9)
+    assert up["n_equal_evals"] == pytest.approx(1 + up["finetune_evals"] / (8 * 10))
+    tuned, untuned = load_decoder(outs["100"]), load_decoder(untuned_dir)
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), untuned.state_dict().values()))
-    assert "best-of-" in proc.stdout and (out / "reward_samples.png").stat().st_size > 0
+    assert "best-of-" in outs["100", "proc"].stdout and (outs["100"] / "reward_samples.png").stat().st_size > 0
