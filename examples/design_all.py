@@ -10,14 +10,15 @@ time); this script runs them in order, passing each the folders of the stages it
     4. reward      examples/design_reward.py      decoder fine-tuned on the grammar reward       + --decoder
     5. latent      examples/design_latent.py      x_T optimised through a differentiable DDIM    + --decoder
 
-    python examples/design_all.py                                  # CPU defaults into runs/design/
+    python examples/design_all.py --nproc 2                        # CPU defaults into runs/design/, 2 cores
     python examples/design_all.py --smoke --out /tmp/design        # tiny sizes, for tests
-    python examples/design_all.py --nproc 2                        # every stage under torchrun, 2 processes
     python examples/design_all.py --resume auto                    # continue an interrupted run
     python examples/design_all.py --stages encoder,abstractor      # some stages (the others' folders must exist)
     python examples/design_all.py --seed-scale --nproc 4           # the seed's 256 px sizes (GPUs)
 
-The dataset is built once, by the first stage, in OUT/data (OUT/data-smoke under --smoke,
+On a CPU, --nproc 2 (torchrun, one thread per process) is the fast way to use 2 cores: one process
+with two threads ran stage 1 2.5-4x slower on a shared machine. Stages 1 and 2 take about 10 minutes
+on 2 cores. The dataset is built once, by the first stage, in OUT/data (OUT/data-smoke under --smoke,
 OUT/data-256px at --seed-scale) and shared. A stage that fails stops the run (exit status of the
 stage); --resume auto continues it and re-evaluates the finished stages. At the end the tables
 of every stage's summary.json are printed together.
