@@ -5,6 +5,7 @@ from .metrics import accuracy, iou, topk_accuracy
 from .moe import router_z_loss, switch_balance_loss
 from .neighborhood import neighborhood_cross_entropy
 from .regression import CompositeLoss, LossOutput, dice_loss, log2_mse, masked_mse
+from .set_targets import set_cross_entropy, wta_set_heatmap_loss
 from .ssim import ssim
 
 __all__ = [
@@ -20,8 +21,10 @@ __all__ = [
     "masked_mse",
     "neighborhood_cross_entropy",
     "router_z_loss",
+    "set_cross_entropy",
     "ssim",
     "switch_balance_loss",
     "topk_accuracy",
     "wta_heatmap_loss",
+    "wta_set_heatmap_loss",
 ]
