@@ -141,6 +141,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attend over the tokens of ``x``.
+
+        Args:
+            x: ``(B, N, C)`` tokens, floating, of the parameters' dtype (any floating dtype under autocast).
+            mask: optional bool, True = that key is NOT attended: ``(B, N)`` key padding, ``(B, N, N)`` or
+                ``(B, heads, N, N)``.
+            positions: optional ``rope`` positions ``(N,)`` or ``(B, N)`` (default ``0 .. N-1``); only
+                with a ``rope`` module.
+            attn_bias: optional additive score bias ``(N, N)``, ``(heads, N, N)`` or ``(B, heads, N, N)``.
+
+        Returns:
+            ``(B, N, C)``; exactly 0 for a query that sees no key.
+        """
         check_tokens(x, "x", self.dim)
         check_float_input(x, "x", self.qkv.weight.dtype)
         b, n, _ = x.shape
@@ -206,6 +219,17 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from the tokens ``x`` to ``context``.
+
+        Args:
+            x: ``(B, N, dim)`` query tokens.
+            context: ``(B, L, context_dim)`` key/value tokens.
+            context_mask: optional bool, True = that context token is NOT attended: ``(B, L)``,
+                ``(B, N, L)`` or ``(B, heads, N, L)``.
+
+        Returns:
+            ``(B, N, dim)`` (no residual); exactly 0 for a query that sees no context token.
+        """
         check_tokens(x, "x", self.dim)
         b, n, _ = x.shape
         check_tokens(context, "context", self.context_dim, batch=b)
@@ -261,6 +285,15 @@ class BottleneckAttention(nn.Module):
         nn.init.zeros_(self.attn.proj.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Add self-attention over the ``H*W`` positions to ``x``.
+
+        Args:
+            x: ``(B, C, H, W)`` feature map.
+            mask: optional ``(B, H, W)`` bool, True = that position is NOT attended as a key.
+
+        Returns:
+            ``(B, C, H, W)``: ``x`` plus the attention update (``x`` itself at init).
+        """
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
         check_float_input(x, "x", self.attn.qkv.weight.dtype)

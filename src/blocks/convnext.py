@@ -94,6 +94,16 @@ class ConvNeXtV2Block(nn.Module):
         self.grn.reset_parameters()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block, optionally FCMAE-masked.
+
+        Args:
+            x: ``(B, C, H, W)`` (any memory format).
+            mask: optional ``(B, H, W)`` or ``(B, 1, H, W)`` bool, True = masked: masked values never
+                reach visible outputs.
+
+        Returns:
+            ``(B, C, H, W)``, exactly 0 at masked positions.
+        """
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"x: expected (B, {self.dim}, H, W), got {tuple(x.shape)}")
         batch, _, height, width = x.shape

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 from torch import nn
@@ -311,6 +311,19 @@ class DDPMScheduler(nn.Module):
                     x = self.ddim_step(eps, t, t_prev, x, eta, generator,
                                        use_clipped_model_output=use_clipped_model_output).prev_sample
         return x
+
+    def forward(self, *args: object, **kwargs: object) -> NoReturn:
+        """Not callable: a scheduler is used through its methods, which say what they compute.
+
+        :meth:`add_noise` (the training input ``x_t``), :meth:`step` (one ancestral step),
+        :meth:`ddim_step` (one DDIM step) and :meth:`sample` (the whole reverse chain). It is an
+        ``nn.Module`` so that its buffers follow ``.to(device)``.
+
+        Raises:
+            TypeError: always, naming those methods.
+        """
+        raise TypeError("DDPMScheduler is not called directly: use add_noise(x0, noise, t), step(eps, t, x_t), "
+                        "ddim_step(eps, t, t_prev, x_t) or sample(model, shape)")
 
     def extra_repr(self) -> str:
         return (f"num_steps={self.num_steps}, schedule={self.schedule!r}, beta_start={self.beta_start}, "

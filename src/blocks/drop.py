@@ -49,6 +49,14 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero whole samples with probability ``p`` in training and rescale the rest.
+
+        Args:
+            x: ``(B, *)`` residual branch.
+
+        Returns:
+            Same shape as ``x``: ``x * keep / (1 - p)`` per sample in training, ``x`` in eval mode.
+        """
         return drop_path(x, self.p, self.training)
 
     def extra_repr(self) -> str:

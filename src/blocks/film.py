@@ -47,6 +47,15 @@ class FiLM(nn.Module):
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Scale and shift the channels of ``x`` by ``cond``.
+
+        Args:
+            x: ``(B, C, *spatial)``, any number (0 included) of trailing dims.
+            cond: ``(B, cond_dim)`` conditioning vector, floating.
+
+        Returns:
+            ``x * (1 + gamma) + beta``, same shape as ``x``.
+        """
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"x: expected (B, {self.channels}, *spatial), got {tuple(x.shape)}")
         if cond.dim() != 2 or cond.shape != (x.shape[0], self.cond_dim):

@@ -58,6 +58,14 @@ class FNOBlock(nn.Module):
         self.branch = _SpectralBranch(channels, modes, act_layer, {"device": device, "dtype": dtype})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the activated spectral + 3x3 convolution update to ``x``.
+
+        Args:
+            x: ``(B, C, H, W)``, any ``H, W``.
+
+        Returns:
+            ``(B, C, H, W)``.
+        """
         return x + self.branch(x)
 
 
@@ -109,6 +117,14 @@ class StableFNOBlock(nn.Module):
         nn.init.zeros_(self.norm.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the scaled, instance-normalised FNO update to ``x``.
+
+        Args:
+            x: ``(B, C, H, W)`` with ``H * W > 1``.
+
+        Returns:
+            ``(B, C, H, W)``; exactly ``x`` at init with ``scale="zero_gamma"``.
+        """
         if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] * x.shape[3] < 2:
             raise ValueError(f"x: expected (B, {self.channels}, H, W) with H * W > 1, got {tuple(x.shape)}")
         h = self.branch(x)

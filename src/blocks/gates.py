@@ -110,6 +110,17 @@ class KeyGate(nn.Module):
 
     def forward(self, x: torch.Tensor, key: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> GateOutput:
+        """Route row ``b`` to expert ``table[key[b]]``.
+
+        Args:
+            x: ``(B, *)``; only its batch size and device are used.
+            key: ``(B,)`` integer keys in ``[0, num_keys)`` (required).
+            generator: unused (the routing is deterministic); accepted so all gates share one call.
+
+        Returns:
+            :class:`GateOutput` with one-hot ``weights`` and ``selected`` ``(B, E)``, ``indices``
+            ``(B, 1)``, ``logits`` None and ``aux_loss`` 0.
+        """
         if x.dim() < 1:
             raise ValueError(f"x: expected (B, *), got {tuple(x.shape)}")
         batch = x.shape[0]
@@ -174,6 +185,17 @@ class SoftGate(nn.Module):
 
     def forward(self, x: torch.Tensor, key: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> GateOutput:
+        """Blend every expert with ``softmax(router(x))``.
+
+        Args:
+            x: ``(B, in_dim)`` gate input.
+            key: ignored (learned gates route by ``x``); accepted so all gates share one call.
+            generator: unused (no noise); accepted so all gates share one call.
+
+        Returns:
+            :class:`GateOutput` with ``weights``, ``selected`` (all True) and ``logits`` ``(B, E)``,
+            ``indices`` ``(B, E)`` and ``aux_loss`` ``z_loss_coef * router_z_loss(logits)``.
+        """
         _check_gate_input(x, self.in_dim)
         logits = _float_logits(self.router(x))
         weights = logits.softmax(-1)
@@ -252,6 +274,17 @@ class TopKGate(nn.Module):
 
     def forward(self, x: torch.Tensor, key: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> GateOutput:
+        """Select the ``k`` highest-scoring experts per row and renormalise their weights.
+
+        Args:
+            x: ``(B, in_dim)`` gate input.
+            key: ignored (learned gates route by ``x``); accepted so all gates share one call.
+            generator: draws the logit noise of a ``noisy`` gate in training.
+
+        Returns:
+            :class:`GateOutput` with ``weights`` (0 outside the top ``k``, rows sum to 1), ``selected``
+            and ``logits`` ``(B, E)``, ``indices`` ``(B, k)`` and the balance ``aux_loss``.
+        """
         _check_gate_input(x, self.in_dim)
         logits = _float_logits(self.router(x))
         if self.log_temperature is not None:

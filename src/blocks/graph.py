@@ -196,7 +196,19 @@ class GraphAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, return_attention: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor | GraphAttentionOutput:
-        """Aggregate over ``edge_index``; ``generator`` only drives the attention dropout."""
+        """Aggregate every node's incoming messages over ``edge_index``.
+
+        Args:
+            x: ``(B, N, C_in)`` or ``(N, C_in)`` node features.
+            edge_index: ``(2, E)`` int64, row 0 = source, row 1 = target, shared by the batch.
+            return_attention: also return the attention weights and the edges they belong to.
+            generator: drives the attention dropout only (training with ``dropout > 0``).
+
+        Returns:
+            ``(B, N, H * C)`` (``concat``) or ``(B, N, C)``, no ``B`` for an unbatched ``x``; with
+            ``return_attention`` a :class:`GraphAttentionOutput` ``(out, edge_index_used (2, E'),
+            alpha (B, E', H))``.
+        """
         if x.dim() not in (2, 3) or x.shape[-1] != self.in_dim:
             raise ValueError(f"x: expected (B, N, {self.in_dim}) or (N, {self.in_dim}), got {tuple(x.shape)}")
         n = x.shape[-2]

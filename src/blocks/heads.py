@@ -79,6 +79,14 @@ class ConvHead(nn.Module):
         self.out = nn.Conv2d(width, out_channels, 1, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Refine a feature map into ``K`` output channels (logits, no final activation).
+
+        Args:
+            x: ``(B, C, H, W)``.
+
+        Returns:
+            ``(B, K, H, W)``.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         return self.out(self.body(x))
@@ -132,6 +140,14 @@ class MLP(nn.Module):
         self.out = nn.Linear(width, out_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the dense network on the last dimension.
+
+        Args:
+            x: ``(..., in_dim)``.
+
+        Returns:
+            ``(..., out_dim)``.
+        """
         if x.dim() < 1 or x.shape[-1] != self.in_dim:
             raise ValueError(f"x: expected (..., {self.in_dim}), got {tuple(x.shape)}")
         return self.out(self.body(x))
@@ -195,6 +211,15 @@ class SideHead(nn.Module):
             raise ValueError(f"side: expected ({batch}, {self.side_dim}), got {got}")
 
     def forward(self, features: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        """Join pooled features with the projected side parameters and apply the MLP.
+
+        Args:
+            features: ``(B, in_dim)`` pooled features.
+            side: ``(B, side_dim)`` side parameters, required iff ``side_dim > 0`` (else None).
+
+        Returns:
+            ``(B, out_dim)``.
+        """
         if features.dim() != 2 or features.shape[1] != self.in_dim:
             raise ValueError(f"features: expected (B, {self.in_dim}), got {tuple(features.shape)}")
         self.check_side(side, features.shape[0])

@@ -99,6 +99,19 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor], key: torch.Tensor | None = None,
                 gate_input: torch.Tensor | None = None, generator: torch.Generator | None = None) -> MoEOutput:
+        """Route the rows with the gate and combine the selected experts' outputs.
+
+        Args:
+            x: ``(B, *in)`` or a tuple of ``(B, ...)`` tensors (each expert is called as ``expert(*x)``).
+            key: ``(B,)`` integer routing key, required by ``KeyGate``, ignored by learned gates.
+            gate_input: ``(B, *)`` what the gate sees, when it is not ``x`` (default: ``x``, its first tensor
+                for a tuple).
+            generator: randomness of a noisy gate.
+
+        Returns:
+            :class:`MoEOutput` with ``output`` ``(B, *out)`` (``sum_e weights[:, e] * experts[e](x)``),
+            ``weights`` ``(B, E)`` and the gate's ``aux_loss`` ``()``.
+        """
         inputs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
         if not inputs or inputs[0].dim() < 1:
             raise ValueError(f"x: expected (B, *) or a tuple of (B, ...) tensors, got {_shapes(inputs)}")

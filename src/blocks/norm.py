@@ -66,6 +66,14 @@ class LayerNorm2d(nn.LayerNorm):
         self.channels = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over ``C`` at every position.
+
+        Args:
+            x: ``(B, C, H, W)``.
+
+        Returns:
+            ``(B, C, H, W)``, same dtype as ``x`` (half precision normalised in float32).
+        """
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
         compute = _stats_dtype(x.dtype)
@@ -131,6 +139,16 @@ class GRN(nn.Module):
         nn.init.zeros_(self.beta)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise each channel by its spatial L2 norm relative to the channel mean, then gate.
+
+        Args:
+            x: ``(B, C, H, W)``, or ``(B, H, W, C)`` if ``channels_last``.
+            mask: optional ``(B, H, W)`` or ``(B, 1, H, W)`` bool, True = masked: ``G`` is taken over
+                the visible positions only.
+
+        Returns:
+            ``x + beta + gamma * (x * N)``, same shape and dtype as ``x`` (statistics in float32).
+        """
         c = self.channels
         if self.channels_last:
             if x.dim() != 4 or x.shape[-1] != c:
@@ -191,6 +209,14 @@ class LayerScale(nn.Module):
         nn.init.constant_(self.gamma, self.init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale channel ``c`` (dim 1) by ``gamma_c``.
+
+        Args:
+            x: ``(B, C, *)``.
+
+        Returns:
+            ``gamma * x``, same shape and dtype as ``x``.
+        """
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"x: expected (B, {self.channels}, *), got {tuple(x.shape)}")
         return x * self.gamma.to(x.dtype).view(self.channels, *([1] * (x.dim() - 2)))

@@ -136,6 +136,15 @@ class LearnedPositionalEmbedding(nn.Module):
         nn.init.trunc_normal_(self.weight, std=0.02, a=-0.04, b=0.04, generator=generator)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Add table rows to the tokens.
+
+        Args:
+            x: ``(B, N, dim)`` tokens.
+            positions: optional ``(N,)`` or ``(B, N)`` integer rows of the table (default ``0 .. N-1``).
+
+        Returns:
+            ``x + E[positions]``, same shape and dtype as ``x``.
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected (B, N, {self.dim}), got {tuple(x.shape)}")
         n = x.shape[1]
@@ -203,6 +212,15 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([freqs, freqs], dim=-1)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate the channel pairs ``(i, i + dim/2)`` of ``x`` by ``positions * theta_i``.
+
+        Args:
+            x: ``(B, heads, N, dim)`` or ``(B, N, dim)`` queries or keys.
+            positions: optional ``(N,)`` or ``(B, N)`` positions, integer or fractional (default ``0 .. N-1``).
+
+        Returns:
+            Same shape and dtype as ``x`` (angles computed in float32).
+        """
         if x.dim() not in (3, 4) or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected (B, heads, N, {self.dim}) or (B, N, {self.dim}), got {tuple(x.shape)}")
         batch, n = x.shape[0], x.shape[-2]

@@ -65,6 +65,15 @@ class ResBlock(nn.Module):
                      else nn.Conv2d(in_channels, out_channels, 1, bias=False, **dd))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the two normalised convolutions and add the shortcut.
+
+        Args:
+            x: ``(B, C_in, H, W)``.
+            cond: ``(B, cond_dim)`` FiLM vector after the first norm, required iff ``cond_dim`` is set.
+
+        Returns:
+            ``(B, C_out, H, W)``, after the final activation.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if (cond is None) != (self.film is None):

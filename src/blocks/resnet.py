@@ -76,6 +76,14 @@ class BasicBlock(nn.Module):
                 _place(norm_layer(out_channels), device, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the two convolutions and add the shortcut.
+
+        Args:
+            x: ``(B, C_in, H, W)``.
+
+        Returns:
+            ``(B, C_out, ceil(H / stride), ceil(W / stride))``, after the final ReLU.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         h = self.relu(self.bn1(self.conv1(x)))
@@ -160,6 +168,15 @@ class ResNet2d(nn.Module):
         _init_resnet(self, self.zero_init_residual)
 
     def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict ``out_dim`` values per matrix from its pooled features and side parameters.
+
+        Args:
+            x: ``(B, in_channels, H, W)``, any ``H, W >= 1``.
+            side: ``(B, side_dim)``, required iff ``side_dim > 0`` (else None).
+
+        Returns:
+            ``(B, out_dim)``.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"x: expected (B, {self.in_channels}, H >= 1, W >= 1), got {tuple(x.shape)}")
         self.head.check_side(side, x.shape[0])
@@ -220,6 +237,14 @@ class ResNetFeatures(nn.Module):
         _init_resnet(self, self.zero_init_residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Extract globally pooled features (then ``fc``).
+
+        Args:
+            x: ``(B, in_channels, H, W)``.
+
+        Returns:
+            ``(B, num_features)``.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -105,6 +105,14 @@ class SpectralConv2d(nn.Module):
         return min(self.modes[0], height // 2), min(self.modes[1], width // 2 + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix the channels of the kept Fourier modes (in float32) and transform back.
+
+        Args:
+            x: ``(B, in_channels, H, W)``, real floating point; ``B = 0`` gives an empty output.
+
+        Returns:
+            ``(B, out_channels, H, W)``, dtype of ``x``.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():  # int input would come back as truncated int garbage

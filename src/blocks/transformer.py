@@ -89,6 +89,20 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the self-attention, cross-attention (if built) and MLP branches.
+
+        Args:
+            x: ``(B, N, dim)`` tokens.
+            context: ``(B, L, context_dim)``, required iff ``context_dim`` is set.
+            mask: optional self-attention key mask, True = masked (see :class:`Attention`).
+            context_mask: optional context key mask, True = masked (see :class:`CrossAttention`).
+            positions: optional ``rope`` positions ``(N,)`` or ``(B, N)``.
+            attn_bias: optional additive self-attention bias ``(N, N)``, ``(heads, N, N)`` or
+                ``(B, heads, N, N)`` (e.g. ALiBi).
+
+        Returns:
+            ``(B, N, dim)``; exactly ``x`` at init with ``zero_init``.
+        """
         check_tokens(x, "x", self.dim)
         if self.context_dim is None and (context is not None or context_mask is not None):
             raise ValueError("context: this block was built with context_dim=None, got a context")

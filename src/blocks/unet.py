@@ -155,6 +155,17 @@ class EncoderLevel(_Level):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one encoder level.
+
+        Args:
+            x: ``(B, C_in, H, W)`` (H and W even when ``downsample``).
+            cond: ``(B, cond_dim)`` FiLM vector, required iff ``cond_dim`` is set.
+            context: ``(B, L, context_dim)`` cross-attention tokens, required iff ``context_dim`` is set.
+            context_mask: optional ``(B, L)`` bool, True = that context token is NOT attended.
+
+        Returns:
+            ``(B, C_out, H // 2, W // 2)`` if ``downsample`` else ``(B, C_out, H, W)``.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if self.downsample and (x.shape[2] % 2 or x.shape[3] % 2):
@@ -215,6 +226,18 @@ class DecoderLevel(_Level):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, cond: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Upsample ``x``, merge ``skip`` and run one decoder level.
+
+        Args:
+            x: ``(B, C_in, h, w)`` coarser map.
+            skip: ``(B, C_s, 2h, 2w)`` encoder map at the output resolution.
+            cond: ``(B, cond_dim)`` FiLM vector, required iff ``cond_dim`` is set.
+            context: ``(B, L, context_dim)`` cross-attention tokens, required iff ``context_dim`` is set.
+            context_mask: optional ``(B, L)`` bool, True = that context token is NOT attended.
+
+        Returns:
+            ``(B, C_out, 2h, 2w)``.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, h, w), got {tuple(x.shape)}")
         expected = (x.shape[0], self.skip_channels, 2 * x.shape[2], 2 * x.shape[3])
@@ -365,6 +388,17 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the U-Net on any ``H x W`` (padded inside, cropped back).
+
+        Args:
+            x: ``(B, C_in, H, W)``, floating, of the parameters' dtype (any floating dtype under autocast).
+            cond: ``(B, cond_dim)`` FiLM vector, required iff ``cond_dim`` is set.
+            context: ``(B, L_ctx, context_dim)`` cross-attention tokens, required iff ``context_dim`` is set.
+            context_mask: optional ``(B, L_ctx)`` bool, True = that context token is NOT attended.
+
+        Returns:
+            ``(B, C_out, H, W)``, or the features ``(B, widths[0], H, W)`` when ``out_channels`` is None.
+        """
         self._check(x, cond, context)
         # Crop after the head: its output usually has fewer channels than the features.
         h = self._padded_features(x, cond, context, context_mask)

@@ -116,6 +116,14 @@ class HybridUNO(nn.Module):
         _check_depth(self.levels, *x.shape[-2:], name="x")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map the input field to the output field at the same resolution.
+
+        Args:
+            x: ``(B, in_channels, H, W)``, H and W divisible by ``2 ** (levels - 1)``.
+
+        Returns:
+            ``(B, out_channels, H, W)``.
+        """
         self.check_input(x)
         h = self.lifter(x)
         skips = []

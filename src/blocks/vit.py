@@ -139,6 +139,15 @@ class ViT2d(nn.Module):
         self.head.check_side(side, x.shape[0])
 
     def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict ``out_dim`` values from the mean-pooled patch tokens and the side parameters.
+
+        Args:
+            x: ``(B, C, H, W)``, zero-padded to a multiple of ``patch_size`` when ``pad``.
+            side: ``(B, side_dim)``, required iff ``side_dim > 0`` (else None).
+
+        Returns:
+            ``(B, out_dim)``.
+        """
         self._check(x, side)
         p = self.patch_size
         x = F.pad(x, (0, -x.shape[3] % p, 0, -x.shape[2] % p))
