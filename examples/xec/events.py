@@ -1,7 +1,8 @@
 """Synthetic XEC events: a point source of scintillation light seen by the 4760 sensors.
 
-The minimal faithful generator of /work/shared/research/seed_xec.md §5 (every constant below
-names its source there), vectorised over events and sensors, in chunks to bound memory:
+The minimal faithful generator that §5 of the project's notes on the XEC system's original code
+(xec-ml-wl) describes (every constant below names its source there), vectorised over events and
+sensors, in chunks to bound memory:
 
 1. source: ``phi ~ U[130, 230] deg``, ``z ~ U[-25, 25] cm``, depth ``w = 2 + Exp(6 cm)`` clipped
    at 35, ``r = 64.8 + w``; energy ``E ~ U[20, 60] MeV``; ``t0 ~ U[-2, 2] ns``.

@@ -1,8 +1,9 @@
 """The XEC liquid-xenon calorimeter's 4760 photo-sensors, built parametrically.
 
-Facts: /work/shared/research/seed_xec.md §1.1 (id ranges, face shapes, physical layout measured on
-xec-ml-wl's ``sensor_directions.txt``), §1.2 (outer fine grid), §1.3 (hex rows), §1.4 (outer
-orientation bug) and §5 (the parametrisation). Cylinder axis ``z``, azimuth ``phi`` in degrees,
+Facts: from the XEC system's original code, xec-ml-wl ("the repo"), as the project's notes on it
+record them (a § number is a section of those notes): §1.1 (id ranges, face shapes, physical layout
+measured on the repo's ``sensor_directions.txt``), §1.2 (outer fine grid), §1.3 (hex rows), §1.4
+(outer orientation bug) and §5 (the parametrisation). Cylinder axis ``z``, azimuth ``phi`` in degrees,
 lengths in cm. Ids are the repo's, so its maps and ours agree sensor for sensor.
 
 ====================  ===========  ==============================================================

@@ -1,8 +1,9 @@
 """FCMAE pretraining of the XEC encoder: decoders that reconstruct normalised npho at every sensor.
 
 Woo et al., "ConvNeXt V2", CVPR 2023 (https://arxiv.org/abs/2301.00808), FCMAE decoder and loss
-(research/seed_xec.md §6); the seed's XEC_MAE (§2.4) decodes each face from its token alone, here the
-decoders also read the encoder's last feature maps, as FCMAE does.
+(§6 of the project's notes on the XEC system's original code, xec-ml-wl); the seed's XEC_MAE (§2.4)
+decodes each face from its token alone, here the decoders also read the encoder's last feature
+maps, as FCMAE does.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The XEC encoder and its regression head, assembled from blocks (the FCMAE decoders: :mod:`xec.mae`).
 
-Seed: /work/shared/seeds/004_d447c9425ac27efa.txt, facts in /work/shared/research/seed_xec.md §2
-(XECEncoder, heads, MAE), §6 (FCMAE). Sized for a CPU: one stage of two ConvNeXt-V2 blocks of
+System: the Detector (XEC) training techniques document and its original code, xec-ml-wl ("the
+seed": its XECEncoder, heads and MAE; FCMAE). A § number is a section of the project's notes on
+that code (§2 the encoder, heads and MAE, §6 FCMAE). Sized for a CPU: one stage of two ConvNeXt-V2 blocks of
 width 32 at half resolution (seed: 2 blocks of 32 at full, 3 of 64 at half resolution), MLP ratio
 2, 5 x 5 depthwise kernels, token width 64 instead of 1024, fusion transformer of 2 blocks of width
 64 (seed: 2 of 1024): 253k parameters for the regressor instead of about 27 M.
