@@ -105,7 +105,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-samples", type=int, default=None, help="held-out conditions (default 96)")
     g.add_argument("--sample-steps", type=int, default=10, help="DDIM steps, of the reward chain and the samples")
     g.add_argument("--scale", type=float, default=1.0, help="guidance scale of the samples")
-    g.add_argument("--max-best-of", type=int, default=8, help="cap on the best-of-N baseline's N")
+    g.add_argument("--max-best-of", type=int, default=8, help="best-of-N also for N = 1, 2, 4, ... up to this")
     g.add_argument("--grid", type=int, default=8, help="designs in reward_samples.png")
     p.add_argument("--seed-scale", action="store_true", help="256 px sizes (with a stage 3 trained at 256 px)")
     args = p.parse_args(argv)
@@ -235,7 +235,7 @@ def main(argv=None) -> None:
         results[name] = {**fidelity(judged, cond), "frechet": frechet_distance(judged.features, judged_real.features)}
         shown.append(samples[:args.grid])
     n_equal = 1 + evals["evals"] / (n * args.sample_steps)
-    ns = sorted({*(2 ** i for i in range(int(math.log2(args.max_best_of)) + 1)), min(int(n_equal), args.max_best_of)})
+    ns = best_of_sizes(n_equal, args.max_best_of)
     best = best_of_n(untuned, scheduler, judge, cond, ns, size=args.size, seed=args.seed + 1, **sample_kw)
 
     # --- report ----------------------------------------------------------------------------------
@@ -255,6 +255,11 @@ def main(argv=None) -> None:
     teardown_distributed()
 
 
+def best_of_sizes(n_equal: float, max_power: int) -> list[int]:
+    """The N of the best-of-N rows: 1, 2, 4, ... up to ``max_power``, and the equal-evaluation N (never capped)."""
+    return sorted({*(2 ** i for i in range(int(math.log2(max_power)) + 1)), int(n_equal)})
+
+
 def report_table(results: dict[str, dict], best: dict[int, float], n_equal: float, n: int, steps: int) -> str:
     lines = [f"reward fine-tuning: {n} held-out conditions, DDIM {steps} steps, the same noise before and after",
              f"{'':<26}{'grammar':>9}{'abstractor':>11}{'FED':>9}{'goal acc':>9}{'format acc':>11}", "-" * 75]
@@ -263,7 +268,7 @@ def report_table(results: dict[str, dict], best: dict[int, float], n_equal: floa
         lines.append(f"{name:<26}{r['grammar_mean']:>9.4f}{r['grammar_abstractor_mean']:>11.4f}{fed}"
                      f"{r['goal_accuracy']:>9.3f}{r['format_accuracy']:>11.3f}")
     for k, v in best.items():
-        mark = " (equal evaluations)" if k == min(int(n_equal), max(best)) else ""
+        mark = " (equal evaluations)" if k == int(n_equal) else ""
         lines.append(f"{f'best-of-{k} un-tuned{mark}':<26}{v:>9.4f}")
     lines.append(f"grammar: mean of the 4 formula scores on the encoder's hard F; abstractor: its grammar head's "
                  f"estimate; FED: Frechet encoder distance to the real designs. Equal sampler evaluations: "

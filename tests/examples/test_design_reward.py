@@ -13,6 +13,7 @@ from design.models import load_abstractor, load_encoder, one_hot_structure
 from design.render import render
 from design.reward import clean_estimate, formula_structure, grammar_reward
 from design.sampling import Judge
+from design_reward import best_of_sizes
 from design_runs import make_critics, make_decoder, train_encoder
 from gradients import leave_identity_init, without_gradient
 from torch import nn
@@ -117,7 +118,7 @@ def runs(tmp_path_factory):
     encoder = train_encoder(root / "trained")
     _, abstractor = make_critics(root)
     extra = ("--encoder", str(encoder), "--abstractor", str(abstractor), "--decoder", str(make_decoder(root)),
-             "--data", str(root / "trained" / "data-smoke"), "--steps", "10", "--lr", "2e-3")
+             "--data", str(root / "trained" / "data-smoke"), "--steps", "10", "--lr", "2e-3", "--max-best-of", "2")
     outs = {}
     for weight in ("100", "-100"):
         outs[weight] = root / f"run{weight}"
@@ -147,3 +148,13 @@ def test_two_process_smoke_run_climbs_the_grammar_reward_and_reports_best_of_n(r
     tuned, untuned = load_decoder(outs["100"]), load_decoder(untuned_dir)
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), untuned.state_dict().values()))
     assert "best-of-" in outs["100", "proc"].stdout and (outs["100"] / "reward_samples.png").stat().st_size > 0
+    n_equal = int(up["n_equal_evals"])  # 4.5 to 6: beyond --max-best-of 2
+    assert n_equal > 2 and str(n_equal) in up["best_of_n"]
+    assert f"best-of-{n_equal} un-tuned (equal evaluations)" in up["table"]
+    assert up["table"].count("(equal evaluations)") == 1
+
+
+def test_best_of_sizes_keep_the_equal_evaluation_n_beyond_the_powers():
+    assert best_of_sizes(13.07, 8) == [1, 2, 4, 8, 13]
+    assert best_of_sizes(3.9, 8) == [1, 2, 3, 4, 8]
+    assert best_of_sizes(1.0, 1) == [1]
