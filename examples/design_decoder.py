@@ -33,7 +33,7 @@ guidance scale of --scales, judged by the frozen stage-1 encoder and stage-2 abs
     torchrun --standalone --nproc_per_node=2 examples/design_decoder.py --resume auto
     python examples/design_decoder.py --seed-scale             # 256 px, the seed's widths (a GPU)
 
-Defaults: 20,000 designs at 64 px (data in OUT/../data, built on first use), --steps 1000 of a
+Defaults: 20,000 designs at 64 px (data in OUT/../data, built on first use), --steps 2500 of a
 global batch of 32, AdamW --lr 1e-3 warmup-cosine, bf16 autocast (the CPU's AMX; the loss in
 fp32), EMA 0.999, 128 evaluation samples, 20 DDIM steps, scales 1,2,4. --smoke: 300 designs,
 widths 8,16, 60 steps. --seed-scale: 256 px, widths 64,128,256,512 with 2 blocks per level and
@@ -84,7 +84,7 @@ from blockyard.train import (
 )
 
 #: flag -> (CPU default, --smoke, --seed-scale)
-SIZES = {"designs": (20_000, 300, 10_000), "size": (64, 64, 256), "steps": (1000, 60, 100_000),
+SIZES = {"designs": (20_000, 300, 10_000), "size": (64, 64, 256), "steps": (2500, 60, 100_000),
          "batch_size": (32, 8, 32), "widths": ((16, 32, 64, 128), (8, 16), (64, 128, 256, 512)),
          "meta_dim": (64, 16, 256), "blocks_per_level": (1, 1, 2), "attention": (0, 0, 1),
          "eval_samples": (128, 16, 2000), "val_samples": (128, 16, 512), "log_every": (50, 5, 1000),
@@ -121,7 +121,7 @@ def parse_args(argv=None):
     g.add_argument("--heads", type=int, default=4, help="cross-attention heads")
     g.add_argument("--context-levels", type=int, default=2, help="lowest resolutions with cross-attention")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2500)")
     g.add_argument("--loss", default="epsilon", choices=LOSSES,
                    help="epsilon: MSE of the noise estimate; v: the same error on v (epsilon MSE / alphas_cumprod[t])")
     g.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping all three fields")
