@@ -17,11 +17,11 @@ time); this script runs them in order, passing each the folders of the stages it
     python examples/design_all.py --seed-scale --nproc 4           # the seed's 256 px sizes (GPUs)
 
 On a CPU, --nproc 2 (torchrun, one thread per process) is the fast way to use 2 cores: one process
-with two threads ran stage 1 2.5-4x slower on a shared machine. Stages 1 and 2 take about 10 minutes
-on 2 cores. The dataset is built once, by the first stage, in OUT/data (OUT/data-smoke under --smoke,
-OUT/data-256px at --seed-scale) and shared. A stage that fails stops the run (exit status of the
-stage); --resume auto continues it and re-evaluates the finished stages. At the end the tables
-of every stage's summary.json are printed together.
+with two threads ran stage 1 2.5-4x slower on a shared machine. All five stages took 22 minutes on 2
+cores (the decoder 11 of them). The dataset is built once, by the first stage, in OUT/data
+(OUT/data-smoke under --smoke, OUT/data-256px at --seed-scale) and shared. A stage that fails
+stops the run (exit status of the stage); --resume auto continues it and re-evaluates the
+finished stages. At the end the tables of every stage's summary.json are printed together.
 """
 from __future__ import annotations
 
