@@ -68,8 +68,8 @@ class HybridUNO(nn.Module):
         max_channels: optional cap on every level's width.
         block: callable ``(channels, modes) -> nn.Module`` for encoder and bottleneck blocks,
             e.g. ``FNOBlock`` or ``functools.partial(StableFNOBlock, scale="layerscale")``.
-        blocks_per_level: encoder blocks per level (the deep stress test raises this, never the
-            number of levels beyond what the resolution allows).
+        blocks_per_level: encoder blocks per level: depth without more halvings (``levels``
+            is bounded by the resolution, this is not).
         act_layer: activation of the lifter and decoder.
         input_size: optional ``H`` or ``(H, W)`` the model will see: checked against ``levels``
             before any weight is allocated.
