@@ -14,22 +14,36 @@ Model input (9 channels, built on the fly, zero outside the grid):
 
 History entries are ``(action, y, x, crossings before, crossings after)`` of previous effective
 ops, oldest first, zero-padded to 32.
+
+Stored op set (``ops (3, h, w) uint8``, the exact set of applicable ops of the state, improving
+or not): channel ``s`` is window shape ``ops.SHAPES[s]`` (3x3 transposes, 3x2 flips e/w, 2x3
+flips n/s); at most one variant of a shape matches a window, so at most one op per channel and
+anchor. Value 0 = no op of that shape applies at anchor ``(y, x)``, else ``16 * variant + delta + 8``
+with ``delta`` in ``[-4, 4]`` its crossing change (low nibble 4..12, never 0). Improving ops are the
+ones with ``delta < 0``. 3 bytes per cell, against 8 for the state.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops import FLIPS_X, FLIPS_Y, OPS
+from .ops import FLIPS_X, FLIPS_Y, OPS, SHAPES
 
 __all__ = [
     "HISTORY",
     "IN_CHANNELS",
+    "OpMaps",
     "crossing_map",
+    "decode_ops",
     "encode",
+    "encode_ops",
+    "flip_ops",
     "flip_sample",
     "legal_anchor_mask",
+    "op_maps",
     "state_channels",
 ]
 
@@ -37,6 +51,8 @@ IN_CHANNELS = 9
 HISTORY = 32
 _WIDTHS = np.array([s.width for s in OPS])
 _HEIGHTS = np.array([s.height for s in OPS])
+_SHAPE_OF = np.array([s.shape_index for s in OPS])
+N_ACTIONS = len(OPS)
 
 
 def state_channels(zones: np.ndarray, H: np.ndarray, V: np.ndarray) -> np.ndarray:
@@ -145,3 +161,73 @@ def flip_sample(state: np.ndarray, target: np.ndarray, history: np.ndarray, hist
     target[:] = ops[0, [1, 2, 0]]
     history[:history_len, :3] = ops[1:]
     return np.ascontiguousarray(state), target, history
+
+
+def encode_ops(variant: np.ndarray, y: np.ndarray, x: np.ndarray, delta: np.ndarray, height: int,
+               width: int) -> np.ndarray:
+    """The stored op set ``(3, h, w) uint8`` (see the module docstring) of ops ``(variant, y, x, delta)``.
+
+    Takes ``FusionEnv.candidates()`` field by field. Raises ``ValueError`` if two ops share a
+    shape and an anchor or a delta lies outside ``[-4, 4]`` (neither happens for a real state).
+    """
+    variant, y, x, delta = (np.asarray(a, dtype=np.int64) for a in (variant, y, x, delta))
+    if delta.size and (delta.min() < -4 or delta.max() > 4):
+        raise ValueError(f"delta: expected values in [-4, 4], got {delta.min()}..{delta.max()}")
+    out = np.zeros((len(SHAPES), height, width), dtype=np.uint8)
+    channel = _SHAPE_OF[variant]
+    out[channel, y, x] = 16 * variant + delta + 8
+    if np.count_nonzero(out) != variant.size:
+        raise ValueError("variant, y, x: expected at most one op per window shape and anchor, got duplicates")
+    return out
+
+
+def decode_ops(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(variant, y, x, delta)`` int64 arrays of a stored op set ``(3, h, w)``, by channel then row-major."""
+    _, y, x = np.nonzero(codes)
+    values = codes[codes != 0].astype(np.int64)
+    return values // 16, y.astype(np.int64), x.astype(np.int64), values % 16 - 8
+
+
+def flip_ops(codes: np.ndarray, flip_x: bool, flip_y: bool) -> np.ndarray:
+    """The stored op set of the mirrored state: every op through ``ops.mirror_op`` (same shape, same delta)."""
+    variant, y, x, delta = decode_ops(codes)
+    _, h, w = codes.shape
+    if flip_x:
+        x = w - _WIDTHS[variant] - x
+        variant = np.asarray(FLIPS_X)[variant]
+    if flip_y:
+        y = h - _HEIGHTS[variant] - y
+        variant = np.asarray(FLIPS_Y)[variant]
+    return encode_ops(variant, y, x, delta, h, w)
+
+
+class OpMaps(NamedTuple):
+    """Dense per-(action, anchor) views of stored op sets, on their device.
+
+    - applies: ``(B, 12, H, W)`` bool, the op ``(action, y, x)`` applies
+    - delta: ``(B, 12, H, W)`` int64 crossing change (0 where it does not apply)
+    """
+
+    applies: torch.Tensor
+    delta: torch.Tensor
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """``(B, 12, H, W)`` float32 crossing reduction: ``-delta`` of the improving ops, else 0."""
+        return (-self.delta).clamp_min(0).float()
+
+    @property
+    def improving(self) -> torch.Tensor:
+        return self.delta < 0
+
+
+def op_maps(codes: torch.Tensor) -> OpMaps:
+    """Decode stored op sets ``(B, 3, H, W)`` uint8 (zero padding = no op) into :class:`OpMaps`."""
+    if codes.dim() != 4 or codes.shape[1] != len(SHAPES):
+        raise ValueError(f"codes: expected (B, {len(SHAPES)}, H, W), got {tuple(codes.shape)}")
+    c = codes.long()
+    present = c > 0
+    onehot = F.one_hot(c // 16, N_ACTIONS).bool() & present[..., None]  # (B, 3, H, W, 12)
+    applies = onehot.any(1).permute(0, 3, 1, 2)
+    delta = (onehot * (c % 16 - 8)[..., None]).sum(1).permute(0, 3, 1, 2)
+    return OpMaps(applies.contiguous(), delta.contiguous())

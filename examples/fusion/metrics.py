@@ -15,6 +15,23 @@ Position rules (``p_k`` = hypothesis ``k``'s softmax over the legal anchors of t
 - ``act_acc_at_gt``: the action head's argmax at the target pixel; ``act_acc_e2e``: position
   top-1 (inference rule) and action both right.
 
+Against the exact op set of each state (``batch.ops``: what the data allows, not the teacher's draw):
+
+- ``improving_top{1,5}``: some of the model's 1 (5) best proposals lowers the crossings. A
+  proposal is an op ``(action, y, x)`` at a legal anchor whose window fits the grid, scored
+  ``max_k p_k(y, x) * q(action | y, x)`` (``q`` the action head's softmax at the pixel: how
+  ``search.model_ranking`` weighs the ops it samples).
+- ``gain_top1``: expected crossing reduction of the top-1 proposal (``-delta`` if it applies,
+  negative for an uphill op, 0 if it does not apply).
+- ``ceiling_top{1,5}``: the best position top-1 (top-5) any model can reach against the
+  teacher's pick, which is uniform over the improving ops: ``E[sum of the k largest per-anchor
+  counts / #improving]``; ``ceiling_op_top1 = E[1 / #improving]`` is the ceiling of the op
+  (position and action) and ``improving_ops`` the mean ``#improving``. ``pos_top1_of_ceiling`` is
+  ``pos_acc_top1 / ceiling_top1``.
+- ``baseline_uniform_improving_top1``: a uniformly drawn proposal improves.
+- Per zone pattern ``p``: ``{pos_acc_top1, improving_top1, improving_top5, gain_top1,
+  ceiling_top1, pos_top1_of_ceiling}_{p}`` and ``n_{p}``.
+
 Baselines, measured on the same validation samples and the same legal-anchor mask:
 
 - ``baseline_uniform_top{1,5}``: expected accuracy of picking 1 (5) legal anchors uniformly.
@@ -38,8 +55,37 @@ from blockyard.train import all_reduce_sum
 from .batches import Batch, ModelInputs
 from .grid import ZONE_PATTERNS
 from .model import N_ACTIONS, FusionOutput
+from .ops import OPS
 
-__all__ = ["FrequencyPrior", "ValidationMetrics", "frequency_prior", "staged_criteria"]
+__all__ = ["PER_PATTERN", "FrequencyPrior", "ValidationMetrics", "fitting_ops", "frequency_prior",
+           "pattern_table", "proposal_scores", "staged_criteria"]
+
+#: metrics also reported per zone pattern (``{name}_{pattern}``)
+PER_PATTERN = ("pos_acc_top1", "improving_top1", "improving_top5", "gain_top1", "ceiling_top1")
+_OP_WIDTHS = torch.tensor([s.width for s in OPS])
+_OP_HEIGHTS = torch.tensor([s.height for s in OPS])
+
+
+def fitting_ops(mask: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, 12, H, W)`` bool: the op ``(action, y, x)`` is a candidate proposal, its anchor legal
+    (``mask (B, H, W)``, True = masked) and its window inside the grid (``pad_mask``: padding)."""
+    b, height, width = mask.shape
+    rows = torch.full((b,), height, device=mask.device) if pad_mask is None else (~pad_mask[:, :, 0]).sum(1)
+    cols = torch.full((b,), width, device=mask.device) if pad_mask is None else (~pad_mask[:, 0, :]).sum(1)
+    ys = torch.arange(height, device=mask.device)[None, None, :, None]
+    xs = torch.arange(width, device=mask.device)[None, None, None, :]
+    fit_y = ys <= (rows[:, None] - _OP_HEIGHTS.to(mask.device)[None])[:, :, None, None]
+    fit_x = xs <= (cols[:, None] - _OP_WIDTHS.to(mask.device)[None])[:, :, None, None]
+    return fit_y & fit_x & ~mask[:, None]
+
+
+def proposal_scores(out: FusionOutput, mask: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, 12 * H * W)`` float32 score of every op, ``max_k p_k(y, x) * q(action | y, x)``, -1 where
+    it is no candidate (:func:`fitting_ops`); flat index ``action * H * W + y * W + x``."""
+    position = out.position.float().masked_fill(mask[:, None], MASK_FILL).flatten(2).softmax(-1).amax(1)
+    action = out.action.float().softmax(1)
+    scores = position.view_as(mask)[:, None] * action
+    return scores.masked_fill(~fitting_ops(mask, pad_mask), -1.0).flatten(1)
 
 
 class FrequencyPrior(NamedTuple):
@@ -77,7 +123,9 @@ class ValidationMetrics:
         for k in (1, 5):
             names += [f"pos_acc_top{k}", f"oracle_acc_top{k}", f"mean_acc_top{k}", f"baseline_uniform_top{k}",
                       f"baseline_freq_top{k}"] + [f"hyp{h}_acc_top{k}" for h in range(hypotheses)]
-        names += [f"n_{p}" for p in ZONE_PATTERNS] + [f"pos_acc_top1_{p}" for p in ZONE_PATTERNS]
+        names += ["improving_top1", "improving_top5", "gain_top1", "ceiling_top1", "ceiling_top5", "ceiling_op_top1",
+                  "improving_ops", "baseline_uniform_improving_top1"]
+        names += [f"n_{p}" for p in ZONE_PATTERNS] + [f"{m}_{p}" for m in PER_PATTERN for p in ZONE_PATTERNS]
         self.sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -130,10 +178,34 @@ class ValidationMetrics:
         self._add("act_acc_at_gt", act_hit)
         self._add("act_acc_e2e", act_hit & hits[1])
         self._add("baseline_act_acc", batch.target[:, 2] == self.prior.action)
+        per_sample = {"pos_acc_top1": hits[1], **self._against_op_sets(out, batch, inputs)}
         for i, name in enumerate(ZONE_PATTERNS):
             of = batch.pattern == i
             self._add(f"n_{name}", of)
-            self._add(f"pos_acc_top1_{name}", hits[1] & of)
+            for metric in PER_PATTERN:
+                self._add(f"{metric}_{name}", per_sample[metric] * of)
+
+    def _against_op_sets(self, out: FusionOutput, batch: Batch, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+        """The op-set metrics (module docstring), summed; returns the per-sample ones for the patterns."""
+        improving, delta = inputs.ops.improving, inputs.ops.delta
+        scores = proposal_scores(out, inputs.mask, batch.pad_mask)
+        top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+        flat_improving = improving.flatten(1)
+        hit = flat_improving.gather(1, top)
+        per = {"improving_top1": hit[:, 0], "improving_top5": hit.any(1),
+               "gain_top1": -delta.flatten(1).gather(1, top[:, :1])[:, 0].double()}
+        counts = improving.sum(1).flatten(1).double()  # improving ops per anchor
+        total = counts.sum(1)
+        share = counts / total.clamp_min(1)[:, None]
+        per["ceiling_top1"] = share.amax(1)
+        self._add("ceiling_top5", share.topk(min(5, share.shape[1]), dim=1).values.sum(1))
+        self._add("ceiling_op_top1", (total > 0) / total.clamp_min(1))
+        self._add("improving_ops", total)
+        candidates = fitting_ops(inputs.mask, batch.pad_mask).flatten(1).sum(1).double()
+        self._add("baseline_uniform_improving_top1", total / candidates.clamp_min(1))
+        for name, values in per.items():
+            self._add(name, values)
+        return per
 
     def compute(self) -> dict[str, float]:
         """Means over every validation sample of every rank (all ranks must call it)."""
@@ -142,14 +214,37 @@ class ValidationMetrics:
         sums = dict(zip(names, total))
         n = max(sums["n"], 1.0)
         out = {"n": int(sums["n"])}
+        per_pattern = {f"{m}_{p}" for m in PER_PATTERN for p in ZONE_PATTERNS}
         for name in names:
-            if name == "n" or name.startswith("n_") or name.startswith("pos_acc_top1_"):
+            if name == "n" or name.startswith("n_") or name in per_pattern:
                 continue
             out[name] = sums[name] / n
+        out["pos_top1_of_ceiling"] = out["pos_acc_top1"] / max(out["ceiling_top1"], 1e-12)
         for p in ZONE_PATTERNS:
+            out[f"n_{p}"] = int(sums[f"n_{p}"])
             if sums[f"n_{p}"] > 0:
-                out[f"pos_acc_top1_{p}"] = sums[f"pos_acc_top1_{p}"] / sums[f"n_{p}"]
+                for m in PER_PATTERN:
+                    out[f"{m}_{p}"] = sums[f"{m}_{p}"] / sums[f"n_{p}"]
+                out[f"pos_top1_of_ceiling_{p}"] = out[f"pos_acc_top1_{p}"] / max(out[f"ceiling_top1_{p}"], 1e-12)
         return out
+
+
+def pattern_table(record: dict[str, Any]) -> str:
+    """The validation metrics against the op sets, overall and per zone pattern, as a text table."""
+    head = (f"{'pattern':<12}{'samples':>8}{'improving top-1':>16}{'top-5':>8}{'gain top-1':>11}"
+            f"{'pos top-1':>10}{'ceiling':>9}{'of ceiling':>11}")
+    lines = [head, "-" * len(head)]
+    rows = [(p, f"_{p}", record.get(f"n_{p}", 0)) for p in ZONE_PATTERNS if record.get(f"n_{p}", 0)]
+    for name, suffix, n in [*rows, ("all", "", record["n"])]:
+        r = {k: record[k + suffix] for k in (*PER_PATTERN, "pos_top1_of_ceiling")}
+        lines.append(f"{name:<12}{n:>8}{r['improving_top1']:>16.1%}{r['improving_top5']:>8.1%}"
+                     f"{r['gain_top1']:>11.3f}{r['pos_acc_top1']:>10.1%}"
+                     f"{r['ceiling_top1']:>9.1%}{r['pos_top1_of_ceiling']:>11.1%}")
+    lines.append(f"uniform proposal improves {record['baseline_uniform_improving_top1']:.1%}; "
+                 f"{record['improving_ops']:.2f} improving ops per state, op (position + action) ceiling "
+                 f"E[1/#improving] {record['ceiling_op_top1']:.1%}, position top-5 ceiling "
+                 f"{record['ceiling_top5']:.1%}")
+    return "\n".join(lines)
 
 
 def _check(stage: int, rule: str, measured: str, passed: bool | None) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from blockyard.data import (
 __all__ = ["SPLITS", "default_workers", "format_table", "results_in_order", "write_build"]
 
 SPLITS = ("train", "val", "test")
+SPATIAL = ("state", "ops")  # the fields at the grid's resolution (padded together)
+VERSION = 2  # 2: every sample stores its op set ("ops"); a version-1 build has none and must be rebuilt
 DENSE_BYTES = 9 * 128 * 128 * 4  # the seed's padded float32 model input per sample
 
 
@@ -83,7 +85,7 @@ def _balance_train(unique_path: Path, out: Path, layers: list[int], shapes: list
                              groups=[f"{h}x{w}" for h, w in shapes]) if n else np.zeros(0, dtype=np.int64)
     position = np.empty(n, dtype=np.int64)
     position[unique.source_index] = np.arange(n)  # insertion order -> store index
-    with GroupedStoreWriter(out, group_key="state", spatial_fields=("state",), overwrite=True) as writer:
+    with GroupedStoreWriter(out, group_key="state", spatial_fields=SPATIAL, overwrite=True) as writer:
         for part in (position[picks[:n]], position[picks[n:]]):
             part = part[np.argsort(unique.group_of(part), kind="stable")] if part.size else part
             groups = unique.group_of(part) if part.size else part
@@ -115,11 +117,11 @@ def write_build(out: Path, args: dict, fn: Callable, items: Iterable, run_ids: l
         split_of = {int(i): name for name, idx in zip(SPLITS, parts) for i in idx}
         write_json_atomic(out / "splits.json", {name: [run_ids[i] for i in idx] for name, idx in zip(SPLITS, parts)})
         say(f"{intro} with {workers} worker(s) into {out}")
-        stats = {c: {"trajectories": 0, "initial": 0, "final": 0, "cpu_seconds": 0.0, **dict.fromkeys(SPLITS, 0)}
-                 for c in cells}
+        stats = {c: {"trajectories": 0, "initial": 0, "final": 0, "cpu_seconds": 0.0, "improving": 0,
+                     "inverse_improving": 0.0, **dict.fromkeys(SPLITS, 0)} for c in cells}
         layers, shapes, counts = [], [], Counter()
         paths = {"train": out / ".train_unique", "val": out / "val", "test": out / "test"}
-        writers = {k: GroupedStoreWriter(p, group_key="state", spatial_fields=("state",), overwrite=True)
+        writers = {k: GroupedStoreWriter(p, group_key="state", spatial_fields=SPATIAL, overwrite=True)
                    for k, p in paths.items()}
         try:
             with open(out / "trajectories.jsonl.tmp", "w") as jsonl:
@@ -136,6 +138,10 @@ def write_build(out: Path, args: dict, fn: Callable, items: Iterable, run_ids: l
                     row["cpu_seconds"] += cpu
                     n = len(samples["crossings"])
                     row[split] += n
+                    codes = samples["ops"]
+                    improving = ((codes != 0) & (codes % 16 < 8)).sum((1, 2, 3))  # delta < 0
+                    row["improving"] += int(improving.sum())
+                    row["inverse_improving"] += float((1.0 / np.maximum(improving, 1)).sum())
                     for j in range(n):
                         writers[split].add({**{k: v[j] for k, v in samples.items()},
                                             "initial_crossings": np.int64(record["initial_crossings"]),
@@ -170,15 +176,17 @@ def _summary(out: Path, args: dict, workers: int, stats: dict, layers: list[int]
     rows = []
     for (pattern, h, w), s in sorted(stats.items()):
         t = max(s["trajectories"], 1)
+        n = max(sum(s[k] for k in SPLITS), 1)
         rows.append({"zone_pattern": pattern, "height": h, "width": w, "trajectories": s["trajectories"],
                      "samples": sum(s[k] for k in SPLITS), **{k: s[k] for k in SPLITS},
-                     "initial_crossings": s["initial"] / t, "final_crossings": s["final"] / t})
+                     "initial_crossings": s["initial"] / t, "final_crossings": s["final"] / t,
+                     "improving_per_state": s["improving"] / n, "teacher_ceiling_top1": s["inverse_improving"] / n})
     stores = {k: GroupedStore(out / k, verify=False) for k in SPLITS}
     counts = {k: len(v) for k, v in stores.items()}
     store_bytes = sum(v.nbytes for v in stores.values())
     stored = sum(counts.values())
     lay = np.asarray(layers, dtype=np.int64)
-    return {"format": "blockyard.fusion-dataset", "version": 1, "args": args, "workers": workers,
+    return {"format": "blockyard.fusion-dataset", "version": VERSION, "args": args, "workers": workers,
             "seconds": round(seconds, 2), "worker_cpu_seconds": round(sum(s["cpu_seconds"] for s in stats.values()), 2),
             "trajectories": sum(r["trajectories"] for r in rows),
             "samples": {**counts, "train_unique": len(layers)}, "cells": rows,
@@ -191,8 +199,8 @@ def _summary(out: Path, args: dict, workers: int, stats: dict, layers: list[int]
 
 def format_table(summary: dict) -> str:
     """The build table: per pattern and size, trajectories, samples per split, teacher reduction."""
-    head = (f"{'pattern':<11}{'HxW':>6}{'traj':>6}{'samples':>9}{'train':>7}{'val':>6}{'test':>6}"
-            f"{'crossings initial -> final':>28}{'reduction':>10}")
+    head = (f"{'pattern':<11}{'HxW':>8}{'traj':>6}{'samples':>9}{'train':>7}{'val':>6}{'test':>6}"
+            f"{'crossings initial -> final':>28}{'reduction':>10}{'improving':>10}{'1/improving':>12}")
     lines = [head, "-" * len(head)]
 
     def line(name: str, size: str, rows: list[dict]) -> str:
@@ -200,8 +208,11 @@ def format_table(summary: dict) -> str:
         ini = sum(r["initial_crossings"] * r["trajectories"] for r in rows) / max(t, 1)
         fin = sum(r["final_crossings"] * r["trajectories"] for r in rows) / max(t, 1)
         n = {k: sum(r[k] for r in rows) for k in ("samples", *SPLITS)}
-        return (f"{name:<11}{size:>6}{t:>6}{n['samples']:>9}{n['train']:>7}{n['val']:>6}{n['test']:>6}"
-                f"{ini:>17.1f} -> {fin:<7.1f}{100 * (ini - fin) / max(ini, 1e-9):>9.0f}%")
+        per_state = {k: sum(r[k] * r["samples"] for r in rows) / max(n["samples"], 1)
+                     for k in ("improving_per_state", "teacher_ceiling_top1")}
+        return (f"{name:<11}{size:>8}{t:>6}{n['samples']:>9}{n['train']:>7}{n['val']:>6}{n['test']:>6}"
+                f"{ini:>17.1f} -> {fin:<7.1f}{100 * (ini - fin) / max(ini, 1e-9):>9.0f}%"
+                f"{per_state['improving_per_state']:>10.2f}{per_state['teacher_ceiling_top1']:>12.1%}")
 
     cells = summary["cells"]
     for r in cells:
@@ -210,6 +221,8 @@ def format_table(summary: dict) -> str:
     for pattern in dict.fromkeys(r["zone_pattern"] for r in cells):
         lines.append(line(pattern, "all", [r for r in cells if r["zone_pattern"] == pattern]))
     lines.append(line("total", "all", cells))
+    lines.append("improving: mean number of improving ops per stored state; 1/improving: E[1 / that number], the "
+                 "top-1 ceiling of any model trained on the teacher's picks (it picks one of them uniformly)")
     s, b, lay = summary["samples"], summary["bytes"], summary["train_layers"]
     lines.append(f"train after layer balancing: {s['train']} samples ({s['train_unique']} unique, "
                  f"x{s['train'] / max(s['train_unique'], 1):.2f}); per layer {lay['before']} -> {lay['after']}")

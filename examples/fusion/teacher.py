@@ -30,7 +30,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `fusion` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusion.env import FusionEnv
+from fusion.env import Candidates, FusionEnv
 from fusion.grid import init_path
 from fusion.ops import Op
 
@@ -151,6 +151,7 @@ class ReplayStep(NamedTuple):
     V: np.ndarray  # (h-1, w) bool edges before the op (a copy)
     crossings_before: int
     crossings_after: int
+    candidates: Candidates | None = None  # every applicable op before the op (``replay_steps(candidates=True)``)
 
 
 class Replay(NamedTuple):
@@ -159,18 +160,20 @@ class Replay(NamedTuple):
     ops: list[Op]
 
 
-def replay_steps(record: dict) -> Iterator[ReplayStep]:
+def replay_steps(record: dict, *, candidates: bool = False) -> Iterator[ReplayStep]:
     """Re-apply a record's ops one by one, yielding the state before each op and the crossings
-    around it. Raises ``ValueError`` naming the step if an op does not apply."""
+    around it (with ``candidates``, also every op applicable there, with its delta). Raises
+    ``ValueError`` naming the step if an op does not apply."""
     env = env_from_record(record)
     for index, rec in enumerate(record["sequence_ops"]):
         op = Op.from_record(rec)
         H, V, before = env.H.copy(), env.V.copy(), env.crossings
+        pool = env.candidates() if candidates else None
         result = env.apply(op)
         if not result.ok:
             raise ValueError(f"sequence_ops[{index}]: {rec} does not apply ({result.status.value}) "
                              f"in run {record.get('run_id')!r}")
-        yield ReplayStep(index, op, H, V, before, env.crossings)
+        yield ReplayStep(index, op, H, V, before, env.crossings, pool)
 
 
 def replay(record: dict) -> Replay:

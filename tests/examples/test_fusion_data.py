@@ -15,7 +15,7 @@ from fusion.teacher import env_from_record, replay
 
 from blockyard.data import GroupedStore, layer_index
 
-FIELDS = {"state": "float16", "target": "int64", "history": "float32", "history_len": "int64",
+FIELDS = {"state": "float16", "target": "int64", "ops": "uint8", "history": "float32", "history_len": "int64",
           "crossings": "int64", "initial_crossings": "int64", "trajectory": "str", "zone_pattern": "str"}
 SPLITS = ("train", "val", "test")
 FLIPS = ((True, False), (False, True), (True, True))
@@ -73,10 +73,10 @@ def test_stores_have_the_contract_fields_and_dtypes(smoke):
     for name, store in stores.items():
         assert len(store) > 0, name
         assert store.fields == FIELDS
-        assert store.spatial_fields == ("state",)
+        assert store.spatial_fields == ("state", "ops")
         for g in store.groups:
             h, w = g.key
-            assert g.shapes["state"] == (4, h, w)
+            assert g.shapes["state"] == (4, h, w) and g.shapes["ops"] == (3, h, w)
             assert g.shapes["target"] == (3,) and g.shapes["history"] == (HISTORY, 5)
             assert all(g.shapes[k] == () for k in ("history_len", "crossings", "initial_crossings"))
         assert {tuple(g.key) for g in store.groups} <= {(16, 16), (16, 24)}
