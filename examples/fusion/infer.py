@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as a script: make `fusion` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blockyard.train import RUN_FILE, CheckpointManager
+from fusion.bound import crossing_bound
 from fusion.encoding import encode, legal_anchor_mask, state_channels
 from fusion.env import FusionEnv
 from fusion.inference_table import anneal_row, format_table, greedy_row, rows_by_pattern, seed_protocol_row
@@ -60,8 +61,8 @@ from fusion.search import History, ScoreRequest, Scores, anneal, drive, greedy_s
 from fusion.teacher import SCHEDULE, env_from_record, replay_steps
 from fusion.trajectories import format_counts, load_trajectories
 
-__all__ = ["Start", "format_table", "load_checkpoint", "load_test_records", "mid_trajectory_starts", "model_scorer",
-           "run_evaluation", "saved_model_config"]
+__all__ = ["AnnealGuide", "Start", "format_table", "load_checkpoint", "load_test_records", "mid_trajectory_starts",
+           "model_scorer", "record_bound", "run_evaluation", "saved_model_config"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,12 @@ def _pick(items: Sequence, n: int, rng: np.random.Generator) -> list:
     return [items[i] for i in sorted(rng.choice(len(items), size=n, replace=False))]
 
 
+def record_bound(record: dict) -> int:
+    """``bound.crossing_bound`` of a record's zones: no path over them has fewer crossings."""
+    return int(crossing_bound(np.asarray(record["zone_grid"], dtype=np.int64).reshape(record["grid_H"],
+                                                                                       record["grid_W"])))
+
+
 # -- the three settings -------------------------------------------------------------------------
 def _brute_force_greedy(env: FusionEnv) -> int:
     # reference only: reads every applicable op's delta and takes the best until none improves
@@ -210,24 +217,63 @@ def _greedy_setting(starts: list[Start], score, seed: int) -> list[dict]:
                                        initial_crossings=s.record["initial_crossings"], max_tries=m.tries,
                                        max_failures=math.inf, max_steps=math.inf, seed=False)
                          for i, (s, m) in enumerate(zip(starts, model_runs, strict=True))])
-    return [{"pattern": s.record["zone_pattern"], "start": s.crossings,
+    return [{"pattern": s.record["zone_pattern"], "start": s.crossings, "bound": record_bound(s.record),
              "model": m._asdict(), "random": r._asdict(), "oracle": _brute_force_greedy(s.env()),
              "teacher_rest": s.crossings - s.record["final_crossings"]}
             for s, m, r in zip(starts, model_runs, random_runs, strict=True)]
 
 
-def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, model_every: int) -> list[dict]:
-    def runs(guide: str, key: int):
-        schedules = [{**SCHEDULE, **{k: rec[k] for k in SCHEDULE if k in rec}} for rec in records]
-        return [anneal(env_from_record(rec), iters=iters or sch["iters"], t_max=sch["t_max"], t_min=sch["t_min"],
-                       rng=_rng(seed, key, i), guide=guide, initial_crossings=rec["initial_crossings"],
-                       model_every=model_every, target=rec["final_crossings"])
-                for i, (rec, sch) in enumerate(zip(records, schedules))]
-    model_runs = drive(runs("model", 3), score)
-    uniform_runs = drive(runs("uniform", 4))
-    return [{"pattern": rec["zone_pattern"], "initial": rec["initial_crossings"], "budget": m.iters,
-             "teacher": rec["initial_crossings"] - rec["final_crossings"], "model": m._asdict(), "uniform": u._asdict()}
-            for rec, m, u in zip(records, model_runs, uniform_runs, strict=True)]
+class AnnealGuide(NamedTuple):
+    """How setting 2's model-guided annealer uses the model (``search.anneal``'s keywords)."""
+
+    explore_prob: float = 0.15  # mixing fraction: share of uniform proposals
+    model_temperature: float = 1.0  # tau on the model's proposal distribution
+    model_every: int = 50  # proposals (or accepted ops) between scorings of a changed state
+    requery: str = "proposals"  # what model_every counts: "proposals" or "accepted"
+
+
+def _time_ratios(records: list[dict], model_s: list[float], uniform_s: list[float]) -> dict[str, float]:
+    # per zone pattern: the model-guided runs' wall time over the uniform runs' at the same proposals
+    by_pattern: dict[str, list[int]] = defaultdict(list)
+    for i, rec in enumerate(records):
+        by_pattern[rec["zone_pattern"]].append(i)
+    return {p: sum(model_s[i] for i in idx) / max(sum(uniform_s[i] for i in idx), 1e-9)
+            for p, idx in by_pattern.items()}
+
+
+def _anneal_summary(run) -> dict[str, Any]:
+    # an AnnealResult without its (long) op list: the number of accepted ops instead
+    return {**{k: v for k, v in run._asdict().items() if k != "ops"}, "accepted": len(run.ops)}
+
+
+def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, guide: AnnealGuide,
+                    time_ratio: float | None = None) -> list[dict]:
+    """Model-guided vs uniform annealing at equal proposals, and uniform at equal wall time: its
+    budget is each record's times the pattern's measured model/uniform time ratio (or ``time_ratio``)."""
+    schedules = [{**SCHEDULE, **{k: rec[k] for k in SCHEDULE if k in rec}} for rec in records]
+
+    def runs(kind: str, key: int, budgets: list[int]):
+        return [anneal(env_from_record(rec), iters=budget, t_max=sch["t_max"], t_min=sch["t_min"],
+                       rng=_rng(seed, key, i), guide=kind, initial_crossings=rec["initial_crossings"],
+                       target=rec["final_crossings"], **guide._asdict())
+                for i, (rec, sch, budget) in enumerate(zip(records, schedules, budgets, strict=True))]
+
+    budgets = [iters or sch["iters"] for sch in schedules]
+    model_s, uniform_s, timed_s = [0.0] * len(records), [0.0] * len(records), [0.0] * len(records)
+    model_runs = drive(runs("model", 3, budgets), score, clock=model_s)
+    uniform_runs = drive(runs("uniform", 4, budgets), clock=uniform_s)
+    ratios = _time_ratios(records, model_s, uniform_s)
+    if time_ratio is not None:
+        ratios = dict.fromkeys(ratios, float(time_ratio))
+    timed_budgets = [max(1, round(b * ratios[rec["zone_pattern"]])) for rec, b in zip(records, budgets)]
+    timed_runs = drive(runs("uniform", 7, timed_budgets), clock=timed_s)
+    return [{"pattern": rec["zone_pattern"], "initial": rec["initial_crossings"], "bound": record_bound(rec),
+             "budget": m.iters, "teacher": rec["initial_crossings"] - rec["final_crossings"],
+             "teacher_final": rec["final_crossings"], "time_ratio": ratios[rec["zone_pattern"]],
+             "seconds": {"model": ms, "uniform": us, "uniform_time": ts},
+             "model": _anneal_summary(m), "uniform": _anneal_summary(u), "uniform_time": _anneal_summary(t)}
+            for rec, m, u, t, ms, us, ts in zip(records, model_runs, uniform_runs, timed_runs, model_s, uniform_s,
+                                                 timed_s, strict=True)]
 
 
 def _seed_protocol_setting(records: list[dict], score, seed: int) -> list[dict]:
@@ -239,7 +285,7 @@ def _seed_protocol_setting(records: list[dict], score, seed: int) -> list[dict]:
     random_runs = drive([greedy_search(**start(rec), rng=_rng(seed, 6, i), guide="random", max_tries=m.tries,
                                        max_failures=math.inf, max_steps=math.inf, seed=False)
                          for i, (rec, m) in enumerate(zip(records, model_runs, strict=True))])
-    return [{"pattern": rec["zone_pattern"], "initial": rec["initial_crossings"],
+    return [{"pattern": rec["zone_pattern"], "initial": rec["initial_crossings"], "bound": record_bound(rec),
              "teacher_initial": rec.get("recorded_initial_crossings", rec["initial_crossings"]),
              "teacher_final": rec["final_crossings"], "model": m._asdict(), "random": r._asdict()}
             for rec, m, r in zip(records, model_runs, random_runs, strict=True)]
@@ -247,8 +293,9 @@ def _seed_protocol_setting(records: list[dict], score, seed: int) -> list[dict]:
 
 def run_evaluation(model: torch.nn.Module, data_dir: str | Path | None, *, n_per_pattern: int | None = 16,
                    seed: int = 0, device: str | torch.device = "cpu", smoke: bool = False,
-                   anneal_per_pattern: int | None = None, anneal_iters: int | None = None, model_every: int = 50,
-                   max_batch: int = 32, test_records: list[dict] | None = None) -> dict[str, Any]:
+                   anneal_per_pattern: int | None = None, anneal_iters: int | None = None,
+                   guide: AnnealGuide | None = None, time_ratio: float | None = None, max_batch: int = 32,
+                   test_records: list[dict] | None = None, settings: Sequence[int] = (1, 2, 3)) -> dict[str, Any]:
     """The three settings on the test split of ``data_dir`` (or on ``test_records``); a JSON-able
     dict (see ``format_table``).
 
@@ -260,16 +307,22 @@ def run_evaluation(model: torch.nn.Module, data_dir: str | Path | None, *, n_per
             trajectories per zone pattern (the seed's was 25).
         anneal_per_pattern: setting 2 test trajectories per zone pattern (None = ``n_per_pattern // 2``, >= 1).
         anneal_iters: setting 2 op budget (None = each record's own ``iters``).
-        model_every: annealing proposals between model calls (when the state changed).
+        guide: how setting 2's model-guided annealer uses the model (None = :class:`AnnealGuide`'s defaults).
+        time_ratio: setting 2's equal-wall-time uniform budget as a multiple of the proposal budget
+            (None = measured: the pattern's model-guided over uniform wall time at equal proposals).
         smoke: at most 2 starts/trajectories and 1 annealed trajectory per pattern, 150 annealing proposals.
         test_records: held-out records (``trajectories.load_trajectories`` of a file in the seed's
             format, or teacher records) used instead of the test split.
+        settings: which of the three settings to run (the others are left out of the result).
 
     Returns:
         ``{"setting1": {pattern | "overall": row}, "setting2": {...}, "setting3": {...}, "overall":
-        setting 1's overall row, "seed", "n_test_trajectories", "runtime_s", "descriptions"}``; rows
-        hold ``model_*``/``random_*`` (settings 1, 3) or ``model_*``/``uniform_*`` (setting 2) means;
-        ``*_fraction`` values are in ``[0, 1]``, ``*_pct`` in percent, a mean over no items is ``None``.
+        setting 1's overall row, "guide": setting 2's AnnealGuide, "seed", "n_test_trajectories",
+        "runtime_s", "descriptions"}``; rows hold ``model_*``/``random_*`` (settings 1, 3) or
+        ``model_*``/``uniform_*``/``uniform_time_*`` (setting 2) means and ``*_gap_closed`` (the share
+        of the gap to the region bound closed, ``bound.gap_closed``; ``teacher_*`` = the record's
+        own result); ``*_fraction`` values are in ``[0, 1]``, ``*_pct`` in percent, a mean over no
+        items is ``None``.
     """
     started = time.perf_counter()
     n_per_pattern = 16 if n_per_pattern is None else n_per_pattern
@@ -287,31 +340,41 @@ def run_evaluation(model: torch.nn.Module, data_dir: str | Path | None, *, n_per
         starts += _pick(pool, n_per_pattern, _rng(seed, 0, k, 0))
         anneal_records += _pick(recs, anneal_n, _rng(seed, 0, k, 1))
         seed_records += _pick(recs, n_per_pattern, _rng(seed, 0, k, 2))
+    if not settings or not set(settings) <= {1, 2, 3}:
+        raise ValueError(f"settings: expected a non-empty subset of (1, 2, 3), got {settings}")
+    guide = AnnealGuide() if guide is None else guide
     was_training = model.training
     model.eval()
+    results: dict[str, Any] = {}
     try:
         score = model_scorer(model, device=device, max_batch=max_batch)
-        greedy = _greedy_setting(starts, score, seed)
-        annealed = _anneal_setting(anneal_records, score, seed, anneal_iters, model_every)
-        seeded = _seed_protocol_setting(seed_records, score, seed)
+        if 1 in settings:
+            results["setting1"] = rows_by_pattern(_greedy_setting(starts, score, seed), greedy_row)
+        if 2 in settings:
+            annealed = _anneal_setting(anneal_records, score, seed, anneal_iters, guide, time_ratio)
+            results["setting2"] = rows_by_pattern(annealed, anneal_row)
+        if 3 in settings:
+            results["setting3"] = rows_by_pattern(_seed_protocol_setting(seed_records, score, seed), seed_protocol_row)
     finally:
         model.train(was_training)
-    setting1, setting2, setting3 = (rows_by_pattern(greedy, greedy_row), rows_by_pattern(annealed, anneal_row),
-                                    rows_by_pattern(seeded, seed_protocol_row))
+    descriptions = {
+        "setting1": "greedy from mid-trajectory states (an improving op exists): model-ranked vs random "
+                    "order, same number of op checks; oracle = brute-force greedy over all deltas",
+        "setting2": "annealing from the initial paths (nearly local minima), teacher schedule: model-guided "
+                    "(a mix of model-weighted and uniform proposals, see guide) vs uniform proposals (the teacher) "
+                    "at the same proposal budget, and uniform at the same wall time; teacher = the record's result",
+        "setting3": "the seed's inference protocol from the initial paths (history seeding, K x 8 "
+                    "per-hypothesis candidates, exploration 0.15, adaptive give-up) vs random order at the "
+                    "same op checks; teacher = the record's initial -> final",
+        "gap_closed": "(initial - final) / (initial - bound) summed over the grids, bound = connected zone "
+                      "regions - 1 (no path has fewer crossings); setting 1 starts mid-trajectory",
+    }
     return {
         "seed": seed, "smoke": smoke, "n_test_trajectories": len(records),
         "test_source": "test split" if test_records is None else "test_records",
-        "setting1": setting1, "setting2": setting2, "setting3": setting3, "overall": setting1["overall"],
+        **results, "overall": results.get("setting1", {}).get("overall"), "guide": guide._asdict(),
         "runtime_s": round(time.perf_counter() - started, 2),
-        "descriptions": {
-            "setting1": "greedy from mid-trajectory states (an improving op exists): model-ranked vs random "
-                        "order, same number of op checks; oracle = brute-force greedy over all deltas",
-            "setting2": "annealing from the initial paths (nearly local minima), teacher schedule: model-weighted vs "
-                        "uniform proposals (the teacher), same proposal budget; teacher = the record's result",
-            "setting3": "the seed's inference protocol from the initial paths (history seeding, K x 8 "
-                        "per-hypothesis candidates, exploration 0.15, adaptive give-up) vs random order at the "
-                        "same op checks; teacher = the record's initial -> final",
-        },
+        "descriptions": {k: v for k, v in descriptions.items() if not k.startswith("setting") or k in results},
     }
 
 
@@ -327,7 +390,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-trajectories", type=Path, default=None, metavar="FILE.jsonl",
                         help="held-out trajectories in the seed's JSONL format, instead of the test split")
     parser.add_argument("--n-per-pattern", type=int, default=16)
-    parser.add_argument("--anneal-iters", type=int, default=None)
+    parser.add_argument("--anneal-iters", type=int, default=None, help="setting 2 proposals (default: the record's)")
+    parser.add_argument("--anneal-per-pattern", type=int, default=None,
+                        help="setting 2 trajectories per zone pattern (default n-per-pattern // 2)")
+    defaults = AnnealGuide()
+    parser.add_argument("--explore-prob", type=float, default=defaults.explore_prob,
+                        help="setting 2: share of uniform proposals in the model-guided annealer")
+    parser.add_argument("--model-temperature", type=float, default=defaults.model_temperature,
+                        help="setting 2: temperature on the model's proposal distribution")
+    parser.add_argument("--model-every", type=int, default=defaults.model_every,
+                        help="setting 2: re-score a changed state every N proposals (or accepted ops, --requery)")
+    parser.add_argument("--requery", choices=("proposals", "accepted"), default=defaults.requery)
+    parser.add_argument("--time-ratio", type=float, default=None,
+                        help="setting 2: equal-time uniform budget as a multiple of the proposals (default measured)")
+    parser.add_argument("--settings", default="1,2,3", help="which settings to run, e.g. 2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true")
@@ -341,8 +417,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"test trajectories {args.test_trajectories}: {format_counts(counts)}")
     net = FusionNet(**(saved_model_config(args.checkpoint) or {})).to(args.device)
     loaded = load_checkpoint(args.checkpoint, net)
+    guide = AnnealGuide(args.explore_prob, args.model_temperature, args.model_every, args.requery)
     results = run_evaluation(net, args.data, n_per_pattern=args.n_per_pattern, seed=args.seed, device=args.device,
-                             smoke=args.smoke, anneal_iters=args.anneal_iters, test_records=test_records)
+                             smoke=args.smoke, anneal_per_pattern=args.anneal_per_pattern,
+                             anneal_iters=args.anneal_iters, guide=guide, time_ratio=args.time_ratio,
+                             test_records=test_records, settings=[int(v) for v in args.settings.split(",")])
     print(f"checkpoint {loaded['path']}\n{format_table(results)}")
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))

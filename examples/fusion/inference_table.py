@@ -1,12 +1,16 @@
 """The inference evaluation's tables: per-pattern rows of the three settings (``infer.run_evaluation``'s
 items) and their text rendering. Every row is means over its grids; ``*_fraction`` in ``[0, 1]``,
-``*_pct`` in percent, ``None`` for a mean over nothing."""
+``*_pct`` in percent, ``None`` for a mean over nothing. ``*_gap_closed`` is ``bound.gap_closed`` over the
+row's grids: the share of the gap between the start and the (connected zone regions - 1) bound that a
+search closed, summed over grids (``None`` when there is no gap)."""
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+from fusion.bound import gap_closed
 
 __all__ = ["anneal_row", "format_table", "greedy_row", "rows_by_pattern", "seed_protocol_row"]
 
@@ -28,20 +32,40 @@ def greedy_row(items: list[dict]) -> dict[str, Any]:
     row["model_seeded_ops"] = _mean([it["model"]["seeded"] for it in items])
     row["oracle_mean_reduction"] = _mean([it["oracle"] for it in items])
     row["teacher_rest_mean_reduction"] = _mean([it["teacher_rest"] for it in items])
+    start, bound = [it["start"] for it in items], [it["bound"] for it in items]
+    row["bound"] = _mean(bound)
+    for name, finals in (("model", [it["model"]["final"] for it in items]),
+                         ("random", [it["random"]["final"] for it in items]),
+                         ("oracle", [it["start"] - it["oracle"] for it in items]),
+                         ("teacher", [it["start"] - it["teacher_rest"] for it in items])):
+        row[f"{name}_gap_closed"] = gap_closed(start, finals, bound) if items else None
     return row
 
 
 def anneal_row(items: list[dict]) -> dict[str, Any]:
-    row: dict[str, Any] = {"n": len(items), "initial_crossings": _mean([it["initial"] for it in items]),
+    initial, bound = [it["initial"] for it in items], [it["bound"] for it in items]
+    row: dict[str, Any] = {"n": len(items), "initial_crossings": _mean(initial), "bound": _mean(bound),
                            "budget": _mean([it["budget"] for it in items]),
-                           "teacher_mean_reduction": _mean([it["teacher"] for it in items])}
-    for name in ("model", "uniform"):
+                           "teacher_mean_reduction": _mean([it["teacher"] for it in items]),
+                           "teacher_gap_closed": gap_closed(initial, [it["teacher_final"] for it in items], bound)
+                           if items else None,
+                           "time_ratio": _mean([it["time_ratio"] for it in items]),
+                           "uniform_time_budget": _mean([it["uniform_time"]["iters"] for it in items]),
+                           "model_calls": _mean([it["model"]["model_calls"] for it in items])}
+    for name in ("model", "uniform", "uniform_time"):
         runs = [it[name] for it in items]
         reductions = [r["initial"] - r["best"] for r in runs]
         row[f"{name}_mean_reduction"] = _mean(reductions)
+        row[f"{name}_gap_closed"] = gap_closed(initial, [r["best"] for r in runs], bound) if items else None
         row[f"{name}_improved_fraction"] = _mean([float(d > 0) for d in reductions])
         row[f"{name}_reached_teacher_fraction"] = _mean([float(r["reached_at"] is not None) for r in runs])
         row[f"{name}_ops_to_teacher"] = _mean([r["reached_at"] for r in runs if r["reached_at"] is not None])
+        row[f"{name}_seconds"] = _mean([it["seconds"][name] for it in items])
+    # per grid, model-guided against uniform at equal proposals and at equal wall time
+    for other in ("uniform", "uniform_time"):
+        row[f"model_beats_{other}_fraction"] = _mean([float(it["model"]["best"] < it[other]["best"]) for it in items])
+        row[f"model_loses_to_{other}_fraction"] = _mean([float(it["model"]["best"] > it[other]["best"])
+                                                         for it in items])
     return row
 
 
@@ -61,6 +85,12 @@ def seed_protocol_row(items: list[dict]) -> dict[str, Any]:
     row["teacher_mean_reduction"] = _mean(teacher)
     row["teacher_mean_reduction_pct"] = _mean([100 * d / max(it["teacher_initial"], 1)
                                                for d, it in zip(teacher, items)])
+    initial, bound = [it["initial"] for it in items], [it["bound"] for it in items]
+    row["bound"] = _mean(bound)
+    for name in ("model", "random"):
+        row[f"{name}_gap_closed"] = gap_closed(initial, [it[name]["final"] for it in items], bound) if items else None
+    row["teacher_gap_closed"] = gap_closed([it["teacher_initial"] for it in items],
+                                           [it["teacher_final"] for it in items], bound) if items else None
     return row
 
 
@@ -89,39 +119,53 @@ def _table(title: str, rows: dict[str, dict], columns: list[tuple[str, str, str]
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """One text table per setting: rows = zone patterns + overall."""
-    t1 = _table("Setting 1: greedy from mid-trajectory states, model vs random order at the same try budget",
-                results["setting1"], [
-                    ("n", "n", "int"), ("start", "start_crossings", "f1"),
-                    ("red model", "model_mean_reduction", "f2"), ("red random", "random_mean_reduction", "f2"),
-                    ("impr model", "model_improved_fraction", "pct"),
-                    ("impr random", "random_improved_fraction", "pct"),
-                    ("1st model", "model_tries_to_first", "f1"), ("1st random", "random_tries_to_first", "f1"),
-                    ("tries", "model_mean_tries", "f1"), ("red oracle", "oracle_mean_reduction", "f2"),
-                    ("red teacher", "teacher_rest_mean_reduction", "f2")])
-    t2 = _table("Setting 2: annealing from the initial paths, model-weighted vs uniform proposals (teacher)",
-                results["setting2"], [
-                    ("n", "n", "int"), ("initial", "initial_crossings", "f1"), ("budget", "budget", "int"),
-                    ("red model", "model_mean_reduction", "f2"), ("red uniform", "uniform_mean_reduction", "f2"),
-                    ("impr model", "model_improved_fraction", "pct"),
-                    ("impr uniform", "uniform_improved_fraction", "pct"),
-                    ("reach model", "model_reached_teacher_fraction", "pct"),
-                    ("reach uniform", "uniform_reached_teacher_fraction", "pct"),
-                    ("ops model", "model_ops_to_teacher", "int"), ("ops uniform", "uniform_ops_to_teacher", "int"),
-                    ("red teacher", "teacher_mean_reduction", "f2")])
-    t3 = _table("Setting 3: the seed's inference protocol from the initial paths, model vs random order at the "
-                "same op checks", results["setting3"], [
-                    ("n", "n", "int"), ("initial", "initial_crossings", "f1"),
-                    ("red model", "model_mean_reduction", "f2"), ("red %", "model_mean_reduction_pct", "f1"),
-                    ("red random", "random_mean_reduction", "f2"),
-                    ("red teacher", "teacher_mean_reduction", "f2"), ("teacher %", "teacher_mean_reduction_pct", "f1"),
-                    (">= teacher", "model_reached_teacher_fraction", "pct"),
-                    (">= t. random", "random_reached_teacher_fraction", "pct"),
-                    ("impr model", "model_improved_fraction", "pct"),
-                    ("impr random", "random_improved_fraction", "pct"),
-                    ("seeded", "model_seeded_ops", "f2"), ("tries", "model_mean_tries", "f1")])
-    notes = ("red = mean crossing reduction; impr = share of grids improved; 1st = mean tries to the first "
-             "improvement (improved grids only); tries = op checks per grid (both searches); reach = share "
-             "reaching the teacher record's result, ops = proposals needed (those that reached it); "
-             ">= teacher = share ending at or below the teacher's final count; seeded = ops kept by history seeding")
-    return f"{t1}\n\n{t2}\n\n{t3}\n{notes}"
+    """One text table per setting that ran: rows = zone patterns + overall."""
+    tables = []
+    if "setting1" in results:
+        tables.append(_table(
+            "Setting 1: greedy from mid-trajectory states, model vs random order at the same try budget",
+            results["setting1"], [
+                ("n", "n", "int"), ("start", "start_crossings", "f1"), ("bound", "bound", "f1"),
+                ("red model", "model_mean_reduction", "f2"), ("red random", "random_mean_reduction", "f2"),
+                ("impr model", "model_improved_fraction", "pct"), ("impr random", "random_improved_fraction", "pct"),
+                ("1st model", "model_tries_to_first", "f1"), ("1st random", "random_tries_to_first", "f1"),
+                ("tries", "model_mean_tries", "f1"), ("red oracle", "oracle_mean_reduction", "f2"),
+                ("red teacher", "teacher_rest_mean_reduction", "f2"), ("gap model", "model_gap_closed", "pct"),
+                ("gap teacher", "teacher_gap_closed", "pct")]))
+    if "setting2" in results:
+        tables.append(_table(
+            "Setting 2: annealing from the initial paths, model-guided vs uniform proposals (the teacher) at equal "
+            "proposals and uniform at equal wall time", results["setting2"], [
+                ("n", "n", "int"), ("initial", "initial_crossings", "f1"), ("bound", "bound", "f1"),
+                ("budget", "budget", "int"), ("red model", "model_mean_reduction", "f2"),
+                ("red uniform", "uniform_mean_reduction", "f2"), ("red teacher", "teacher_mean_reduction", "f2"),
+                ("gap model", "model_gap_closed", "pct"), ("gap uniform", "uniform_gap_closed", "pct"),
+                ("gap teacher", "teacher_gap_closed", "pct"), ("time x", "time_ratio", "f2"),
+                ("gap u.time", "uniform_time_gap_closed", "pct"),
+                ("win u", "model_beats_uniform_fraction", "pct"), ("loss u", "model_loses_to_uniform_fraction", "pct"),
+                ("win u.t", "model_beats_uniform_time_fraction", "pct"),
+                ("loss u.t", "model_loses_to_uniform_time_fraction", "pct"),
+                ("reach model", "model_reached_teacher_fraction", "pct"),
+                ("reach uniform", "uniform_reached_teacher_fraction", "pct"), ("calls", "model_calls", "f1")]))
+    if "setting3" in results:
+        tables.append(_table(
+            "Setting 3: the seed's inference protocol from the initial paths, model vs random order at the same op "
+            "checks", results["setting3"], [
+                ("n", "n", "int"), ("initial", "initial_crossings", "f1"), ("bound", "bound", "f1"),
+                ("red model", "model_mean_reduction", "f2"), ("red %", "model_mean_reduction_pct", "f1"),
+                ("red random", "random_mean_reduction", "f2"),
+                ("red teacher", "teacher_mean_reduction", "f2"), ("teacher %", "teacher_mean_reduction_pct", "f1"),
+                (">= teacher", "model_reached_teacher_fraction", "pct"),
+                (">= t. random", "random_reached_teacher_fraction", "pct"),
+                ("impr model", "model_improved_fraction", "pct"), ("impr random", "random_improved_fraction", "pct"),
+                ("seeded", "model_seeded_ops", "f2"), ("tries", "model_mean_tries", "f1"),
+                ("gap model", "model_gap_closed", "pct"), ("gap teacher", "teacher_gap_closed", "pct")]))
+    notes = ("red = mean crossing reduction; bound = mean (connected zone regions - 1), below which no path "
+             "goes; gap = share of the gap from the start to the bound closed (sums over the grids); impr = share "
+             "of grids improved; 1st = mean tries to the first improvement (improved grids only); tries = op "
+             "checks per grid (both searches); time x = model-guided wall time over uniform's at equal proposals, "
+             "the budget of u.time (uniform at equal wall time); win/loss u (u.t) = share of grids where the "
+             "model-guided best is lower / higher than uniform's at equal proposals (equal time); reach = share "
+             "reaching the teacher record's result; calls = model scorings per grid; >= teacher = share ending "
+             "at or below the teacher's final count; seeded = ops kept by history seeding")
+    return "\n\n".join(tables) + "\n" + notes

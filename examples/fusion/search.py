@@ -15,6 +15,7 @@ them through the model (``infer.model_scorer``).
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, NamedTuple
@@ -41,6 +42,7 @@ __all__ = [
     "greedy_search",
     "legal_anchors",
     "model_ranking",
+    "proposal_prior",
     "random_ranking",
     "seed_history",
 ]
@@ -298,51 +300,86 @@ class AnnealResult(NamedTuple):
     best_at: int  # proposals used when the best was first reached (0 = the start)
     reached_at: int | None  # proposals used when crossings first were <= target (None = never)
     ops: list[Op]  # every accepted op, in order
+    model_calls: int = 0  # states scored by the model
+
+
+def proposal_prior(scores: Scores, *, temperature: float = 1.0) -> np.ndarray:
+    r"""The model-guided annealer's unnormalised proposal weight of every op ``(v, y, x)``:
+    :math:`(\max_k p_k(y, x)\, p(v \mid y, x))^{1/\tau}`, ``tau = temperature``.
+
+    Shapes:
+        - scores.position: ``(K, h, w)``; scores.action: ``(12, h, w)``
+        - output: ``(12, h, w)`` float, indexed ``[variant, y, x]``
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    prior = scores.position.max(0)[None] * scores.action
+    return prior if temperature == 1.0 else prior ** (1.0 / temperature)
 
 
 def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.random.Generator,
            guide: str = "uniform", history: History | None = None, initial_crossings: int | None = None,
-           explore_prob: float = 0.15, model_every: int = 50, target: int | None = None) -> SearchGen:
-    """Simulated annealing with the teacher's schedule (``teacher.temperature``) and acceptance.
+           explore_prob: float = 0.15, model_temperature: float = 1.0, model_every: int = 50,
+           requery: str = "proposals", target: int | None = None) -> SearchGen:
+    r"""Simulated annealing with the teacher's schedule (``teacher.temperature``) and acceptance.
 
     Each iteration proposes one op from the applicable pool (``env.candidates()``, rebuilt after
     every accepted op, as the teacher does) and accepts it if its change ``d <= 0``, otherwise with
-    probability ``exp(-d / T)`` (never at ``T <= 0``). ``guide="uniform"`` draws uniformly from the
-    pool and consumes ``rng`` exactly like ``teacher.run_teacher`` (same rng -> same run).
-    ``guide="model"`` (a generator yielding :class:`ScoreRequest` every ``model_every`` iterations
-    when the state changed) draws op ``(v, y, x)`` with probability proportional to
-    ``max_k p_k(y, x) * p(v | y, x)`` from the model's scores (zero off the legal anchors), and
-    uniformly with probability ``explore_prob`` or when no pool op has weight; only the proposed
-    op's own change is looked at. Improving accepted ops are pushed onto ``history``.
+    probability ``exp(-d / T)`` (never at ``T <= 0``). Only the proposed op's own change is looked
+    at. ``guide="uniform"`` draws uniformly from the pool and consumes ``rng`` exactly like
+    ``teacher.run_teacher`` (same rng -> same run).
+
+    ``guide="model"`` mixes two proposals: with probability ``explore_prob`` (the mixing fraction)
+    uniform, as above, so the neutral and uphill moves annealing walks through stay reachable;
+    otherwise op ``(v, y, x)`` of the pool with probability
+
+    .. math::
+        q(v, y, x) \propto \big(\max_k p_k(y, x)\; p(v \mid y, x)\big)^{1/\tau}
+
+    from the model's scores (zero off the legal anchors; uniform when no pool op has weight),
+    ``tau = model_temperature`` (> 1 flattens the model's preference, < 1 sharpens it). The
+    generator yields a :class:`ScoreRequest` at the start and then re-scores a changed state:
+    with ``requery="proposals"`` at every ``model_every``-th proposal after at least one accepted
+    op, with ``"accepted"`` once ``model_every`` ops were accepted since the last scoring. Between
+    scorings the last scores are reused on the current pool (one cumulative sum per pool, one
+    binary search per proposal). Improving accepted ops are pushed onto ``history``.
     """
     if guide not in ("model", "uniform"):
         raise ValueError(f"guide: expected 'model' or 'uniform', got {guide!r}")
     if iters < 1:
         raise ValueError(f"iters: expected >= 1, got {iters}")
+    if not 0.0 <= explore_prob <= 1.0:
+        raise ValueError(f"explore_prob: expected a probability in [0, 1], got {explore_prob}")
+    if not model_temperature > 0:
+        raise ValueError(f"model_temperature: expected > 0, got {model_temperature}")
+    if model_every < 1:
+        raise ValueError(f"model_every: expected >= 1, got {model_every}")
+    if requery not in ("proposals", "accepted"):
+        raise ValueError(f"requery: expected 'proposals' or 'accepted', got {requery!r}")
     history = History() if history is None else history
     initial_crossings = env.crossings if initial_crossings is None else initial_crossings
     start = best = env.crossings
     best_at, reached_at = 0, (0 if target is not None and start <= target else None)
     ops: list[Op] = []
     pool = env.candidates()
-    scores, weights, dirty = None, None, True
+    prior, cdf, changed, calls = None, None, 0, 0  # changed: ops accepted since the last scoring
     for i in range(iters):
-        if guide == "model" and i % model_every == 0 and dirty:
+        if guide == "model" and (prior is None or (changed > 0 and (
+                i % model_every == 0 if requery == "proposals" else changed >= model_every))):
             scores = yield ScoreRequest(env, history, initial_crossings)
-            pos = scores.position.max(0)
-            weights, dirty = None, False
+            prior = proposal_prior(scores, temperature=model_temperature)
+            cdf, changed, calls = None, 0, calls + 1
         if pool.size == 0:
             continue
         if guide == "uniform":
             j = int(rng.integers(pool.size))
         else:
-            if weights is None:
-                weights = pos[pool.y, pool.x] * scores.action[pool.variant, pool.y, pool.x]
-                total = float(weights.sum())
-            if total <= 0 or rng.random() < explore_prob:
+            if cdf is None:
+                cdf = np.cumsum(prior[pool.variant, pool.y, pool.x], dtype=np.float64)
+            if cdf[-1] <= 0 or rng.random() < explore_prob:
                 j = int(rng.integers(pool.size))
             else:
-                j = int(rng.choice(pool.size, p=weights / total))
+                j = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), pool.size - 1)
         op = pool.op(j)
         delta = int(pool.delta[j])  # the proposed op's own change, as env.evaluate(op) gives it
         if delta > 0:
@@ -359,21 +396,31 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
             best, best_at = env.crossings, i + 1
         if reached_at is None and target is not None and env.crossings <= target:
             reached_at = i + 1
-        pool, weights, dirty = env.candidates(), None, True
-    return AnnealResult(start, best, env.crossings, iters, best_at, reached_at, ops)
+        pool, cdf, changed = env.candidates(), None, changed + 1
+    return AnnealResult(start, best, env.crossings, iters, best_at, reached_at, ops, calls)
 
 
-def drive(searches: Sequence[SearchGen], score: Callable[[list[ScoreRequest]], list[Scores]] | None = None) -> list:
+def drive(searches: Sequence[SearchGen], score: Callable[[list[ScoreRequest]], list[Scores]] | None = None, *,
+          clock: list[float] | None = None) -> list:
     """Run search generators side by side; every round, all pending requests go to ``score`` in one
-    call (so it can batch them through the model). Returns each search's result, in order."""
+    call (so it can batch them through the model). Returns each search's result, in order.
+
+    With ``clock`` (a list of ``len(searches)`` floats), each search's wall seconds are added to its
+    entry: the time spent in its own steps plus an equal share of every scoring call it was part of.
+    """
+    if clock is not None and len(clock) != len(searches):
+        raise ValueError(f"clock: expected {len(searches)} entries (one per search), got {len(clock)}")
     results: list = [None] * len(searches)
     pending: dict[int, ScoreRequest] = {}
 
     def advance(i: int, value: Scores | None) -> None:
+        t0 = time.perf_counter()
         try:
             pending[i] = searches[i].send(value)
         except StopIteration as stop:
             results[i] = stop.value
+        if clock is not None:
+            clock[i] += time.perf_counter() - t0
 
     for i in range(len(searches)):
         advance(i, None)
@@ -382,6 +429,12 @@ def drive(searches: Sequence[SearchGen], score: Callable[[list[ScoreRequest]], l
             raise ValueError("score: a search asked for model scores but no scoring function was given")
         batch = list(pending.items())
         pending.clear()
-        for (i, _), scores in zip(batch, score([request for _, request in batch]), strict=True):
+        t0 = time.perf_counter()
+        scored = score([request for _, request in batch])
+        if clock is not None:
+            share = (time.perf_counter() - t0) / len(batch)
+            for i, _ in batch:
+                clock[i] += share
+        for (i, _), scores in zip(batch, scored, strict=True):
             advance(i, scores)
     return results

@@ -22,7 +22,7 @@ from fusion.infer import (
     model_scorer,
     run_evaluation,
 )
-from fusion.inference_table import seed_protocol_row
+from fusion.inference_table import greedy_row, seed_protocol_row
 from fusion.model import FusionNet
 from fusion.ops import OPS, Op
 from fusion.search import (
@@ -386,9 +386,11 @@ def test_run_evaluation_returns_the_documented_structure(smoke_data, model):
         assert list(rows) == [*PATTERNS, "overall"]
         assert rows["overall"]["n"] == sum(rows[p]["n"] for p in PATTERNS)
         for row in rows.values():
-            for name in ("model", other):
+            for name in ("model", other) + (("uniform_time",) if setting == "setting2" else ()):
                 assert row[f"{name}_mean_reduction"] >= 0
                 assert 0 <= row[f"{name}_improved_fraction"] <= 1
+                assert 0 <= row[f"{name}_gap_closed"] <= 1  # searches keep their best: never above the start
+            assert 0 < row["teacher_gap_closed"] <= 1 and row["bound"] >= 1
     for p in PATTERNS:
         assert results["setting1"][p]["n"] == 2 and results["setting2"][p]["n"] == 1
         assert results["setting1"][p]["model_mean_tries"] == results["setting1"][p]["random_mean_tries"] or \
@@ -403,9 +405,19 @@ def test_run_evaluation_returns_the_documented_structure(smoke_data, model):
     assert "Setting 1" in table and "Setting 2" in table and "Setting 3: the seed's inference protocol" in table
     for name in (*PATTERNS, "overall"):
         assert sum(line.startswith(name) for line in table.splitlines()) == 3
-    again = run_evaluation(model, smoke_data, n_per_pattern=2, seed=0, smoke=True)
-    assert {k: v for k, v in again.items() if k != "runtime_s"} == {k: v for k, v in results.items()
-                                                                    if k != "runtime_s"}
+    # same seed, same table, except the wall-time measurements (and the equal-time budget they set)
+    fixed = run_evaluation(model, smoke_data, n_per_pattern=2, seed=0, smoke=True, time_ratio=1.5)
+    again = run_evaluation(model, smoke_data, n_per_pattern=2, seed=0, smoke=True, time_ratio=1.5)
+
+    def untimed(res):
+        return {k: ({s: {c: v for c, v in row.items() if not c.endswith("_seconds")} for s, row in v.items()}
+                    if k == "setting2" else v) for k, v in res.items() if k != "runtime_s"}
+
+    assert untimed(again) == untimed(fixed)
+    assert {k: v for k, v in fixed.items() if k != "setting2" and k != "runtime_s"} == \
+        {k: v for k, v in results.items() if k != "setting2" and k != "runtime_s"}
+    for p in PATTERNS:
+        assert fixed["setting2"][p]["uniform_time_budget"] == 225 and fixed["setting2"][p]["time_ratio"] == 1.5
 
 
 def test_setting3_runs_the_seeds_protocol_from_the_initial_paths(records, model, monkeypatch):
@@ -435,16 +447,43 @@ def test_setting3_runs_the_seeds_protocol_from_the_initial_paths(records, model,
 
 
 def test_setting3_row_is_the_seeds_table():
-    def item(pattern, initial, final_model, final_random, teacher_initial, teacher_final):
-        return {"pattern": pattern, "initial": initial, "teacher_initial": teacher_initial,
+    def item(pattern, initial, final_model, final_random, teacher_initial, teacher_final, bound):
+        return {"pattern": pattern, "initial": initial, "teacher_initial": teacher_initial, "bound": bound,
                 "teacher_final": teacher_final, "model": {"initial": initial, "final": final_model, "tries": 10,
                                                           "seeded": 1},
                 "random": {"initial": initial, "final": final_random, "tries": 10, "seeded": 0}}
 
-    row = seed_protocol_row([item("v", 20, 15, 20, 20, 16), item("v", 10, 10, 9, 12, 10)])
+    row = seed_protocol_row([item("v", 20, 15, 20, 20, 16, 2), item("v", 10, 10, 9, 12, 10, 4)])
     assert row["model_mean_reduction"] == 2.5 and row["model_mean_reduction_pct"] == pytest.approx(12.5)
     assert row["random_mean_reduction"] == 0.5 and row["random_mean_reduction_pct"] == pytest.approx(5.0)
     assert row["teacher_mean_reduction"] == 3.0
     assert row["teacher_mean_reduction_pct"] == pytest.approx((20 + 50 / 3) / 2)
     assert row["model_reached_teacher_fraction"] == 1.0 and row["random_reached_teacher_fraction"] == 0.5
     assert row["model_improved_fraction"] == 0.5 and row["random_improved_fraction"] == 0.5
+    # the gap to the region bound: the searches from the initial path, the teacher from its recorded start
+    assert row["bound"] == 3.0 and row["model_gap_closed"] == pytest.approx(5 / 24)
+    assert row["random_gap_closed"] == pytest.approx(1 / 24) and row["teacher_gap_closed"] == pytest.approx(6 / 26)
+
+
+def test_setting1_row_reports_the_gap_closed_from_the_start_state():
+    def item(start, bound, model, random, oracle, teacher_rest):
+        run = {"tries": 5, "first_improvement": 1, "seeded": 0}
+        return {"pattern": "v", "start": start, "bound": bound, "model": {**run, "initial": start, "final": model},
+                "random": {**run, "initial": start, "final": random}, "oracle": oracle, "teacher_rest": teacher_rest}
+
+    row = greedy_row([item(12, 2, 9, 12, 4, 6), item(8, 4, 7, 6, 2, 3)])
+    assert row["bound"] == 3.0
+    assert row["model_gap_closed"] == pytest.approx((3 + 1) / (10 + 4))
+    assert row["random_gap_closed"] == pytest.approx((0 + 2) / 14)
+    assert row["oracle_gap_closed"] == pytest.approx((4 + 2) / 14)
+    assert row["teacher_gap_closed"] == pytest.approx((6 + 3) / 14)
+
+
+def test_run_evaluation_runs_only_the_settings_asked_for(smoke_data, model):
+    results = run_evaluation(model, smoke_data, n_per_pattern=2, seed=0, smoke=True, settings=(2,), time_ratio=1.0)
+    assert "setting2" in results and "setting1" not in results and "setting3" not in results
+    assert results["overall"] is None and results["guide"] == infer.AnnealGuide()._asdict()
+    table = format_table(results)
+    assert "Setting 2" in table and "Setting 1" not in table and "Setting 3" not in table
+    with pytest.raises(ValueError, match="settings"):
+        run_evaluation(model, smoke_data, n_per_pattern=2, seed=0, smoke=True, settings=(4,))

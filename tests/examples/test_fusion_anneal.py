@@ -1,0 +1,189 @@
+"""Model-guided annealing (setting 2): the proposal distribution (mixing fraction, temperature),
+re-scoring, per-search clocks, the equal-wall-time baseline and the gap-closed rows."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from fusion import infer, search
+from fusion.env import FusionEnv
+from fusion.inference_table import anneal_row
+from fusion.search import AnnealResult, ScoreRequest, Scores, anneal, drive, proposal_prior
+from fusion.teacher import env_from_record, run_teacher
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def record():
+    return run_teacher(12, 12, "voronoi", seed=3, iters=600)
+
+
+def test_proposal_prior_is_the_tempered_product_of_position_and_action():
+    rng = np.random.default_rng(0)
+    scores = Scores(rng.random((4, 5, 6)), rng.random((12, 5, 6)))
+    for tau in (0.5, 1.0, 3.0):
+        prior = proposal_prior(scores, temperature=tau)
+        for v in range(12):
+            for y in range(5):
+                for x in range(6):
+                    best = max(scores.position[k, y, x] for k in range(4))
+                    assert prior[v, y, x] == pytest.approx((best * scores.action[v, y, x]) ** (1 / tau))
+    with pytest.raises(ValueError, match="temperature: expected > 0"):
+        proposal_prior(scores, temperature=0.0)
+
+
+class FrozenEnv(FusionEnv):
+    """Logs every op the annealer applies and leaves the state as it was: each proposal then comes
+    from the same pool and the same scores."""
+
+    def apply(self, op):
+        self.proposed.append(op)
+        return self.evaluate(op)
+
+
+def proposals(record, scores, n, **kwargs):
+    """``n`` proposals from the start state, at a temperature where every proposal is accepted."""
+    start = env_from_record(record)
+    env = FrozenEnv(start.zones, start.H, start.V)
+    env.proposed = []
+    [res] = drive([anneal(env, iters=n, t_max=1e12, t_min=1e12, guide="model", rng=np.random.default_rng(0),
+                          **kwargs)], lambda reqs: [scores] * len(reqs))
+    assert len(env.proposed) == n == len(res.ops) and res.final == start.crossings  # the state never changed
+    return env.proposed
+
+
+@pytest.mark.parametrize(("explore_prob", "tau"), [(0.0, 1.0), (0.4, 1.0), (0.0, 2.0), (0.3, 0.5)])
+def test_model_guided_proposals_mix_the_tempered_model_with_uniform(record, explore_prob, tau):
+    env = env_from_record(record)
+    pool = env.candidates()
+    h, w = env.zones.shape
+    # anchors of the pool's first third weigh 4, of its second third 1, the rest 0 (actions uniform)
+    anchors = list(dict.fromkeys(zip(pool.y.tolist(), pool.x.tolist())))
+    third = len(anchors) // 3
+    group = {a: 0 for a in anchors[:third]} | {a: 1 for a in anchors[third:2 * third]}
+    position = np.zeros((4, h, w))
+    for (y, x), g in group.items():
+        position[:, y, x] = (4.0, 1.0)[g]
+    scores = Scores(position, np.full((12, h, w), 1 / 12))
+    counts = np.bincount([group.get((y, x), 2) for y, x in zip(pool.y.tolist(), pool.x.tolist())], minlength=3)
+    model = counts * np.array([4.0 ** (1 / tau), 1.0, 0.0])
+    expected = (1 - explore_prob) * model / model.sum() + explore_prob * counts / counts.sum()
+    n = 3000
+    ops = proposals(record, scores, n, explore_prob=explore_prob, model_temperature=tau, model_every=1)
+    seen = np.bincount([group.get((op.y, op.x), 2) for op in ops], minlength=3) / n
+    np.testing.assert_allclose(seen, expected, atol=0.03)  # 3 binomial sd at n = 3000 is <= 0.028
+    assert all(env.evaluate(op).ok for op in ops)
+
+
+def test_rescoring_after_model_every_accepted_ops_or_proposals(record):
+    for requery, every in (("accepted", 7), ("accepted", 1), ("proposals", 25)):
+        env = env_from_record(record)
+        applied_at_call = []
+        real_apply = env.apply
+
+        def counting_apply(op, _real=real_apply):
+            result = _real(op)
+            counting_apply.n += result.ok
+            return result
+
+        counting_apply.n = 0
+        env.apply = counting_apply
+        rng = np.random.default_rng(0)
+        h, w = env.zones.shape
+
+        def score(reqs, calls=applied_at_call, rng=rng, h=h, w=w):
+            calls.append(counting_apply.n)
+            return [Scores(rng.random((4, h, w)), rng.random((12, h, w))) for _ in reqs]
+
+        [res] = drive([anneal(env, iters=400, t_max=3.0, t_min=0.05, rng=np.random.default_rng(1), guide="model",
+                              model_every=every, requery=requery)], score)
+        assert res.model_calls == len(applied_at_call) > 2 and applied_at_call[0] == 0
+        steps = np.diff(applied_at_call)
+        if requery == "accepted":
+            assert (steps == every).all()  # re-scored exactly when the every-th op since the last scoring landed
+            assert len(res.ops) - applied_at_call[-1] <= every
+        else:  # at most once per model_every proposals, and only after the state changed
+            assert (steps >= 1).all() and res.model_calls <= -(-400 // every)
+
+
+def test_bad_annealing_arguments_are_refused(record):
+    env = env_from_record(record)
+    for kwargs, match in (({"explore_prob": 1.5}, "explore_prob"), ({"model_temperature": 0.0}, "model_temperature"),
+                          ({"model_every": 0}, "model_every"), ({"requery": "moves"}, "requery")):
+        with pytest.raises(ValueError, match=match):
+            drive([anneal(env, iters=5, t_max=1.0, t_min=1.0, rng=np.random.default_rng(0), **kwargs)])
+
+
+def test_drive_clocks_each_search_with_its_share_of_the_scoring(monkeypatch):
+    fake = SimpleNamespace(t=0.0)
+    monkeypatch.setattr(search, "time", SimpleNamespace(perf_counter=lambda: fake.t))
+    request = ScoreRequest(None, None, 0)
+
+    def searcher(n):
+        for _ in range(n):
+            fake.t += 0.1  # its own work
+            yield request
+        fake.t += 0.1
+        return n
+
+    def score(reqs):
+        fake.t += 1.0  # one batched model call
+        return [None] * len(reqs)
+
+    clock = [0.0, 0.0]
+    assert drive([searcher(3), searcher(1)], score, clock=clock) == [3, 1]
+    # round 1 scores both (0.5 each); rounds 2 and 3 only the first
+    assert clock == pytest.approx([0.4 + 0.5 + 2.0, 0.2 + 0.5])
+    assert sum(clock) == pytest.approx(fake.t)
+    with pytest.raises(ValueError, match="clock"):
+        drive([searcher(1)], score, clock=[0.0, 0.0])
+
+
+def test_equal_time_budget_is_the_patterns_measured_time_ratio(monkeypatch):
+    recs = [run_teacher(10, 10, p, seed=s, iters=300) for p in ("islands", "voronoi") for s in range(2)]
+    real_drive, kinds = infer.drive, []
+
+    def timed_drive(searches, score=None, *, clock=None):
+        kinds.append(len(kinds))
+        out = real_drive(searches, score, clock=None)
+        if clock is not None and len(kinds) <= 2:  # model runs: islands 3 s and 2 s, voronoi 2 s each; uniform 1 s
+            model = [3.0, 2.0, 2.0, 2.0] if len(kinds) == 1 else [1.0] * 4
+            clock[:] = model
+        return out
+
+    monkeypatch.setattr(infer, "drive", timed_drive)
+    rng = np.random.default_rng(0)
+    score = lambda reqs: [Scores(rng.random((4, 10, 10)), rng.random((12, 10, 10))) for _ in reqs]  # noqa: E731
+    items = infer._anneal_setting(recs, score, 0, 200, infer.AnnealGuide())
+    assert [it["budget"] for it in items] == [200] * 4
+    assert [it["time_ratio"] for it in items] == [2.5, 2.5, 2.0, 2.0]  # islands (3 + 2) / 2, voronoi 4 / 2
+    assert [it["uniform_time"]["iters"] for it in items] == [500, 500, 400, 400]
+    items = infer._anneal_setting(recs, score, 0, 200, infer.AnnealGuide(), time_ratio=1.26)
+    assert [it["uniform_time"]["iters"] for it in items] == [252] * 4
+    # the model-guided runs get the guide's keywords
+    items = infer._anneal_setting(recs, score, 0, 200, infer.AnnealGuide(model_every=10, requery="accepted"))
+    assert all(it["model"]["model_calls"] > 1 for it in items)
+    monkeypatch.setattr(infer, "drive", real_drive)
+
+
+def test_setting2_row_reports_the_gap_closed_to_the_bound():
+    def run(initial, best, reached=None, calls=0):
+        return AnnealResult(initial, best, initial, 100, 1, reached, [], calls)._asdict()  # best, then back up
+
+    def item(initial, bound, teacher_final, model, uniform, timed):
+        return {"pattern": "v", "initial": initial, "bound": bound, "budget": 100, "teacher": initial - teacher_final,
+                "teacher_final": teacher_final, "time_ratio": 1.5,
+                "seconds": {"model": 3.0, "uniform": 2.0, "uniform_time": 3.0},
+                "model": run(initial, model, calls=4), "uniform": run(initial, uniform),
+                "uniform_time": {**run(initial, timed), "iters": 150}}
+
+    row = anneal_row([item(20, 2, 11, 8, 11, 10), item(10, 4, 7, 7, 9, 6), item(12, 2, 12, 12, 12, 12)])  # a tie
+    assert row["bound"] == pytest.approx(8 / 3) and row["initial_crossings"] == 14.0
+    assert row["teacher_gap_closed"] == pytest.approx((9 + 3 + 0) / (18 + 6 + 10))
+    assert row["model_gap_closed"] == pytest.approx((12 + 3) / 34)
+    assert row["uniform_gap_closed"] == pytest.approx((9 + 1) / 34)
+    assert row["uniform_time_gap_closed"] == pytest.approx((10 + 4) / 34)
+    assert row["model_beats_uniform_fraction"] == pytest.approx(2 / 3) and row["model_loses_to_uniform_fraction"] == 0
+    assert row["model_beats_uniform_time_fraction"] == pytest.approx(1 / 3)
+    assert row["model_loses_to_uniform_time_fraction"] == pytest.approx(1 / 3)
+    assert row["uniform_time_budget"] == 150 and row["model_calls"] == 4 and row["model_seconds"] == 3.0
