@@ -3,28 +3,41 @@
 System: the FNO / hybrid U-NO stability study. The original drew conclusions from one seed, half
 the Fourier modes, a channel cap that never reached the model, a schedule that never stepped and
 phase metrics on phase-free data. Here every arm (hybrid, hybrid + norm clip, hybrid + AGC, stable
-zero-gamma, stable LayerScale) trains on the same simulated grid-lines ptychography data for N
-seeds, with a warmup + cosine schedule that steps every optimizer step, and the run reports per
-arm: failures / n, median and IQR over the successful runs of best and final validation loss and
-of amplitude and phase SSIM, gradient-norm median / p99 / max, and activation mean / std per block
-versus depth at init and at the end.
+zero-gamma, stable LayerScale, and a positive control built to fail) trains on the same simulated
+grid-lines ptychography data for N seeds, and the run reports per arm: failures / n and the step of
+each failure (time to failure), median and IQR over the successful runs of best and final validation
+loss, of the test loss and of amplitude and phase SSIM, gradient-norm median / p99 / max, and
+activation mean / std per block versus depth at init and at the end.
+
+Each seed draws three objects: train, validation and test. The validation object gives the loss
+curve, the best validation loss and the failure rule's input; the test object only the reported
+test loss and SSIMs. The failure rule: a non-finite loss, a collapsed output (stitched amplitude
+std / mean < 1e-3) or a final validation loss above 3x the best; a run's time to failure is the
+first epoch's step at which the rule fires on the run so far. The positive control (hybrid_lr100:
+no clipping, 100x the learning rate) shows that the rule can fire. Phase is scored twice: stitched as
+predicted, and with each patch's unobservable constant phase removed first (examples/fno/phase.py).
+
+--schedule cosine (default) warms up and decays the lr every optimizer step; --schedule constant is
+the original's regime (a flat --lr, no warmup), in which its LayerScale arm collapsed. --clip-sweep
+1,5,10,20,50,100 adds the control with each global norm clip (the original's clip sweep).
 
 That is the plan's Stage A. Stage B then trains the Stage A winner (among the plan's three arms:
 lowest failure rate, then lowest median best validation loss) with more channel-doubling levels on
 the same data and seeds, each level at most --max-channels wide; its runs go to OUT/stage_b/, beside
-Stage A's OUT/runs/, under names that carry the depth. Last, the plan's decision logic is applied
-to the run's own table (examples/fno/verdict.py): each fix's success condition, and the verdict
-gold / silver / pivot / undecided with its reasons, printed and written to summary.json
-("verdict"). Comparison runs keep the plan's 20-epoch cap; a run with more epochs is labelled a
-stress test.
+Stage A's OUT/runs/, under names that carry the depth, and get their own table. Last, the plan's
+decision logic is applied to the run's own table (examples/fno/verdict.py): each fix's success
+condition, and the verdict gold / silver / pivot / undecided with its reasons, printed and written to
+summary.json ("verdict"). Comparison runs keep the plan's 20-epoch cap; a run with more epochs is
+labelled a stress test.
 
 A run (one arm, one seed, one depth) trains in one process, so --batch-size (the global batch) is
 its batch; torchrun's processes share out the runs. A run is finished once its record
 (OUT/runs/<arm>_seed<s>.json, OUT/stage_b/<arm>_levels<L>_seed<s>.json) is written (after its
 weights); --resume auto keeps the finished runs and starts the others anew.
 
-    python examples/fno_shootout.py                      # CPU default: 5 arms x 3 seeds, then Stage B
-    python examples/fno_shootout.py --patch 64 --levels 4 --stage-b-levels 6,8   # the plan's geometry
+    python examples/fno_shootout.py                      # CPU default: 6 arms x 3 seeds, then Stage B
+    python examples/fno_shootout.py --schedule constant --clip-sweep 1,5,10,20,50,100   # the original's regime
+    python examples/fno_shootout.py --seed-scale         # the original's sizes (GPU): 64 px, hidden 32, 5 seeds
     torchrun --standalone --nproc_per_node=2 examples/fno_shootout.py   # runs shared across ranks
     python examples/fno_shootout.py --resume auto        # continue an interrupted sweep
     torchrun --standalone --nproc_per_node=4 examples/fno_shootout.py --fsdp --hidden 64   # each run on all ranks
@@ -39,6 +52,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,15 +61,16 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fno.arms import ARMS, PtychoNet, classify_failure, deepest_levels, physics_loss, reconstruction_metrics
-from fno.report import plot, print_table, print_verdict, summarize
-from fno.sim import make_probe, simulate, stitch
+from fno.arms import ARMS, PtychoNet, classify_failure, first_failure, physics_loss, resolve_arm
+from fno.evaluate import activation_profile, evaluate, loss_scale, score_reconstruction
+from fno.plan import arm_list, stage_b_depths
+from fno.report import plot, print_clip_sweep, print_table, print_verdict, summarize
+from fno.sim import make_probe, simulate_splits
 from fno.verdict import plan_verdict, stage_a_winner
 
 from blockyard.blocks import FNOBlock, StableFNOBlock, count_parameters
 from blockyard.data import write_json_atomic
 from blockyard.train import (
-    ActivationMonitor,
     Dashboard,
     DistInfo,
     RunDir,
@@ -77,12 +92,26 @@ from blockyard.train import (
 EPOCH_CAP = 20  # the plan: "test/comparison runs must use <= 20 epochs unless explicitly labeled as a stress test"
 
 
+SEED_SCALE = dict(size=392, patch=64, stride=4, hidden=32, levels=4, modes=12, epochs=20, seeds=5)
+SMOKE = dict(size=40, patch=16, stride=8, hidden=4, modes=4, levels=2, epochs=2, seeds=1, batch_size=4)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, out="runs/fno", epochs=EPOCH_CAP, batch_size=16, lr=1e-3, fsdp=True)
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
-    p.add_argument("--seeds", type=int, default=3, help="runs per arm; run i uses the seed (--seed + i)")
-    p.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help="comma-separated subset of " + ", ".join(ARMS) + ", or hybrid_clip<v> (the control with norm "
+                        "clip v)")
+    p.add_argument("--clip-sweep", default="", metavar="V1,V2,...",
+                   help="also train the control (hybrid) with each of these global norm clips (the original's sweep: "
+                        "1,5,10,20,50,100); an arm already in --arms with the same clip stands for its value")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="runs per arm; run i uses the seed (--seed + i). The original's protocol asks for 5-10")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="cosine: warmup, then a cosine decay to 1%% of the peak lr; constant: a flat lr (the "
+                        "original's regime, in which its LayerScale arm collapsed)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="warmup as a fraction of all steps (default 0.05 with cosine, 0 with constant)")
     p.add_argument("--loss", default="mae", choices=["mae", "poisson"])
     p.add_argument("--size", type=int, default=96, help="object size in px")
     p.add_argument("--patch", type=int, default=32)
@@ -100,13 +129,22 @@ def parse_args(argv=None):
     p.add_argument("--arch-fix", default="stable_zero_gamma", choices=["stable_zero_gamma", "stable_layerscale"],
                    help="the arm the verdict judges as the plan's architectural fix (the plan: zero-gamma)")
     p.add_argument("--nphotons", type=float, default=1e9)
+    p.add_argument("--seed-scale", action="store_true",
+                   help="the original's sizes as defaults (flags given explicitly still win): "
+                        + ", ".join(f"{k} {v}" for k, v in SEED_SCALE.items())
+                        + "; a GPU job (examples/slurm/fno_seed_scale.sbatch)")
     args = p.parse_args(argv)
-    if args.smoke:  # tiny sizes as defaults: flags given explicitly still win
-        p.set_defaults(size=40, patch=16, stride=8, hidden=4, modes=4, levels=2, epochs=2, seeds=1, batch_size=4)
+    if args.smoke and args.seed_scale:
+        p.error("--smoke and --seed-scale: choose one")
+    if args.smoke or args.seed_scale:  # preset sizes as defaults: flags given explicitly still win
+        p.set_defaults(**(SMOKE if args.smoke else SEED_SCALE))
         args = p.parse_args(argv)
-    unknown = [a for a in args.arms.split(",") if a not in ARMS]
-    if unknown:
-        p.error(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    if args.warmup is None:
+        args.warmup = 0.05 if args.schedule == "cosine" else 0.0
+    try:
+        args.arm_list, args.sweep = arm_list(args.arms, args.clip_sweep)
+    except ValueError as err:
+        p.error(str(err))
     if args.max_channels is None:
         args.max_channels = args.hidden * 2 ** (args.levels - 1)
     try:
@@ -114,53 +152,6 @@ def parse_args(argv=None):
     except ValueError as err:
         p.error(str(err))
     return args
-
-
-def stage_b_depths(spec: str, levels: int, patch: int) -> tuple[list[int], dict[int, str]]:
-    """Stage B's depths that ``patch`` holds, and the others with the reason (never silently dropped)."""
-    deepest = deepest_levels(patch)
-    if spec == "none":
-        wanted = []
-    elif spec == "auto":
-        wanted = sorted({deepest, 2 * levels} - set(range(levels + 1)))
-    else:
-        try:
-            wanted = sorted({int(v) for v in spec.split(",") if v.strip()})
-        except ValueError:
-            wanted = []
-        if not wanted or min(wanted) <= levels:
-            raise ValueError(f"--stage-b-levels: expected 'auto', 'none' or levels > --levels ({levels}), got {spec!r}")
-    infeasible = {d: f"{patch} px patches hold at most {deepest} levels (coarsest level at least 2x2)"
-                  for d in wanted if d > deepest}
-    return [d for d in wanted if d <= deepest], infeasible
-
-
-def loss_scale(scan, kind):
-    """The fixed normaliser of the physics loss: mean observed amplitude (or intensity) of a scan."""
-    obs = scan.diffraction.double()
-    return float(obs.mean() if kind == "mae" else obs.square().mean())
-
-
-def evaluate(model, scan, probe, args, scale, batch=64):
-    """Validation loss over all patches of a scan, and the stitched reconstruction."""
-    model.eval()
-    losses, amps, phases = [], [], []
-    with torch.no_grad(), autocast(probe.device, args.precision):
-        for i in range(0, len(scan.diffraction), batch):
-            x = scan.diffraction[i:i + batch].to(probe.device)
-            rec = model(x)
-            losses.append(physics_loss(rec, x, probe, args.loss, scale) * len(x))
-            amps.append(rec.amplitude.float().cpu())
-            phases.append(rec.phase.float().cpu())
-    model.train()
-    loss = float(torch.stack(losses).sum()) / len(scan.diffraction)
-    return loss, stitch(torch.cat(amps), scan.grid, scan.stride), stitch(torch.cat(phases), scan.grid, scan.stride)
-
-
-def activation_profile(model, x):
-    with ActivationMonitor(model, module_types=(FNOBlock, StableFNOBlock)) as monitor, torch.no_grad():
-        model(x)
-    return {name: {"mean": s.mean, "std": s.std, "abs_max": s.abs_max} for name, s in monitor.stats().items()}
 
 
 class Job(NamedTuple):
@@ -193,11 +184,11 @@ def run_one(job: Job, args, out: Path, device, steps_before=0, info: DistInfo | 
     steps counted after the ``steps_before`` of the runs it finished: a K past one run kills mid-sweep.
     """
     arm_name, seed = job.arm, job.seed
-    arm = ARMS[arm_name]
+    arm = resolve_arm(arm_name)
     gen = seed_everything(seed)
     probe = make_probe(args.patch)
-    train = simulate(args.size, args.patch, args.stride, probe, args.nphotons, generator=gen)
-    test = simulate(args.size, args.patch, args.stride, probe, args.nphotons, generator=gen)
+    # three objects: train, validation (curve, best val, failure rule), test (reported metrics only)
+    train, val, test = simulate_splits(args.size, args.patch, args.stride, probe, args.nphotons, generator=gen)
     probe, train_x = probe.to(device), train.diffraction.to(device)  # simulated on the CPU, trained anywhere
     torch.manual_seed(seed)  # the same init for every arm of this seed
     rms = float(train.diffraction.square().mean().sqrt())
@@ -213,15 +204,17 @@ def run_one(job: Job, args, out: Path, device, steps_before=0, info: DistInfo | 
         raise ValueError(f"--batch-size: under --fsdp every batch needs >= {world} rows (one per process), got "
                          f"{n} patches in batches of {args.batch_size} (the last of {n % args.batch_size})")
     total = args.epochs * math.ceil(n / args.batch_size)
-    warmup = int(args.warmup * total)
+    warmup, peak = int(args.warmup * total), args.lr * arm.lr_scale
+    floor = peak if args.schedule == "constant" else 0.01 * peak  # constant: warmup (if any), then flat
     # no non-finite skip: a diverging arm must fail; arms without clipping measure the norm (clip at inf)
     stepper = Stepper(model, opt, precision=args.precision, device=device, skip_nonfinite=False,
                       clip=arm.clip or "norm", clip_value=arm.clip_value if arm.clip else math.inf,
-                      schedule=lambda s: warmup_cosine(s, total, warmup, args.lr, min_lr=0.01 * args.lr))
+                      schedule=lambda s: warmup_cosine(s, total, warmup, peak, min_lr=floor))
     probe_batch = train_x[: args.batch_size]
     act_init = activation_profile(model, probe_batch)
-    init_val, amp, phase = evaluate(model, test, probe, args, scale)
-    curve, grad_norms, finite = [], [], True
+    evaluate_on = partial(evaluate, model, probe=probe, loss=args.loss, scale=scale, precision=args.precision)
+    init_val = evaluate_on(val).loss
+    curve, grad_norms, step_losses, finite = [], [], [], True
     start = time.perf_counter()
     for epoch in range(args.epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -236,25 +229,31 @@ def run_one(job: Job, args, out: Path, device, steps_before=0, info: DistInfo | 
             lr = stepper.lr
             if mb.step and stepper.step():  # False only when the fp16 scaler skips an overflow
                 grad_norms.append(stepper.grad_norm)
+                step_losses.append(loss.detach())  # for the step of a first non-finite loss (no host sync here)
                 kill_point(args.kill_at_step, steps_before + stepper.steps)
             epoch_loss += loss.detach() * len(x)
         epoch_loss = all_reduce_sum(epoch_loss) if args.fsdp else epoch_loss
-        val, amp, phase = evaluate(model, test, probe, args, scale)
-        curve.append(dict(step=stepper.steps, epoch=epoch + 1, train_loss=float(epoch_loss) / n, val_loss=val, lr=lr))
-        if not (math.isfinite(curve[-1]["train_loss"]) and math.isfinite(val)):
+        ev = evaluate_on(val)
+        curve.append(dict(step=stepper.steps, epoch=epoch + 1, train_loss=float(epoch_loss) / n, val_loss=ev.loss,
+                          amp_cv=ev.amp_cv, lr=lr))
+        if not (math.isfinite(curve[-1]["train_loss"]) and math.isfinite(ev.loss)):
             finite = False
             break
-    b = (args.patch - args.stride) // 2
-    region = test.obj[b:b + amp.shape[0], b:b + amp.shape[1]]
-    metrics = reconstruction_metrics(amp, phase, region) if finite else {}
     norms = torch.stack(grad_norms).double().cpu() if grad_norms else torch.full((1,), math.nan)
+    bad = ~(torch.stack(step_losses).double().cpu().isfinite() & norms.isfinite()) if step_losses else None
+    nonfinite_step = int(bad.nonzero()[0, 0]) + 1 if bad is not None and bad.any() else None
     vals = [c["val_loss"] for c in curve]
     best = min(vals) if vals else math.nan
-    failure = classify_failure(finite, best, vals[-1] if vals else math.nan, metrics.get("amp_cv", 0.0))
+    failure = classify_failure(finite, best, vals[-1] if vals else math.nan, curve[-1]["amp_cv"] if curve else 0.0)
+    first = first_failure(curve, nonfinite_step) if failure else None  # time to failure, of failed runs only
+    tested = evaluate_on(test)  # the final model on the test object: reported, never used to select or judge
+    metrics, images = score_reconstruction(tested, test) if finite else ({}, None)
     record = {
         "stage": job.stage, "arm": arm_name, "seed": seed, "levels": job.levels, "failure": failure,
-        "params": count_parameters(model), "init_val": init_val,
-        "best_val": best, "final_val": vals[-1] if vals else math.nan, "curve": curve, **metrics,
+        "failure_step": first[0] if first else None, "first_failure": first[1] if first else None,
+        "params": count_parameters(model), "init_val": init_val, "schedule": args.schedule, "peak_lr": peak,
+        "best_val": best, "final_val": vals[-1] if vals else math.nan, "test_loss": tested.loss, "curve": curve,
+        **metrics,
         "grad_norm": {"median": float(norms.median()), "p99": float(norms.quantile(0.99)),
                       "max": float(norms.max()), "steps": len(grad_norms)},
         "activations_init": act_init, "activations_end": activation_profile(model, probe_batch) if finite else {},
@@ -266,9 +265,8 @@ def run_one(job: Job, args, out: Path, device, steps_before=0, info: DistInfo | 
                for k, v in model.state_dict().items()}  # --fsdp: the shards gathered, on every rank
     if rank == 0:  # under --fsdp every rank trained this run; one writes it
         save_file(weights, f"{stem}_model.safetensors")
-        save_file({"amplitude": amp.contiguous(), "phase": phase.contiguous(),
-                   "true_amplitude": region.abs().contiguous(), "true_phase": region.angle().contiguous()},
-                  f"{stem}_recon.safetensors")
+        if images is not None:
+            save_file({k: v.float().contiguous() for k, v in images.items()}, f"{stem}_recon.safetensors")
         write_json_atomic(f"{stem}.json", record)  # by the rank that trained it (RunDir writes on rank 0 only)
     return record
 
@@ -293,19 +291,19 @@ def sweep(stage: str, jobs: list[Job], args, run: RunDir, info, steps: int) -> t
 def main(argv=None):
     args = parse_args(argv)
     info = setup_distributed()
-    run = RunDir(args.out, run_config(args, ignore=("stage_b", "stage_b_infeasible")), resume=args.resume,
-                 overwrite=args.overwrite)
+    derived = ("stage_b", "stage_b_infeasible", "arm_list", "sweep")  # functions of the flags
+    run = RunDir(args.out, run_config(args, ignore=derived), resume=args.resume, overwrite=args.overwrite)
     say = main_print(info.is_main)
     for folder in ("runs", "stage_b"):  # on every rank: each writes the runs it trains
         run.file(folder).mkdir(exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads() // info.world_size))
     stress = args.epochs > EPOCH_CAP
     kind = f"STRESS TEST ({args.epochs} epochs > the plan's {EPOCH_CAP}-epoch cap)" if stress else "comparison run"
-    say(f"FNO shootout, {kind}: {len(args.arms.split(','))} arms x {args.seeds} seeds at {args.levels} levels, "
-        f"widths capped at {args.max_channels}")
+    say(f"FNO shootout, {kind}: {len(args.arm_list)} arms x {args.seeds} seeds at {args.levels} levels, "
+        f"widths capped at {args.max_channels}, {args.schedule} lr schedule")
 
-    # --- Stage A: every arm, every seed -------------------------------------------------------------
-    arm_names = args.arms.split(",")
+    # --- Stage A: every arm (the clip sweep's included), every seed ---------------------------------
+    arm_names = args.arm_list
     seeds = [args.seed + i for i in range(args.seeds)]
     records, steps = sweep("A", [Job("A", a, s, args.levels) for s in seeds for a in arm_names], args, run, info, 0)
     rows = summarize(records, arm_names)
@@ -330,16 +328,20 @@ def main(argv=None):
                     log.log(c["step"], stage=r["stage"], arm=r["arm"], levels=r["levels"], seed=r["seed"],
                             **{k: v for k, v in c.items() if k != "step"})
         run.write_json("summary.json", {
-            "run_kind": "stress test" if stress else "comparison", "epochs": args.epochs,
-            "arms": {a: ARMS[a].description for a in arm_names}, "table": rows,
+            "run_kind": "stress test" if stress else "comparison", "epochs": args.epochs, "schedule": args.schedule,
+            "arms": {a: resolve_arm(a).description for a in arm_names}, "table": rows,
+            "clip_sweep": {f"{v:g}": arm for v, arm in args.sweep.items()},
             "params": {r["arm"]: r["params"] for r in records},
             "stage_b": {"arm": winner, "levels": deep_rows, "params": {r["levels"]: r["params"] for r in deep},
                         "not_run": args.stage_b_infeasible},
             "verdict": {**verdict._asdict(), "checks": [c._asdict() for c in verdict.checks]}})
         print_table(rows)
+        if args.sweep:
+            print_clip_sweep(rows, args.sweep)
         if deep_rows:
-            print(f"\nStage B: {winner} at more levels (widths capped at {args.max_channels})")
-            print_table({f"{winner} @{d} levels": row for d, row in deep_rows.items()})
+            print(f"\nStage B: {winner} at more levels (widths capped at {args.max_channels}), beside its Stage A row")
+            print_table({f"{winner} @{args.levels} levels (A)": rows[winner],
+                         **{f"{winner} @{d} levels": row for d, row in deep_rows.items()}}, activations=False)
         print_verdict(verdict)
         if stress:
             print(f"(a stress test: {args.epochs} epochs exceed the plan's {EPOCH_CAP}-epoch cap for comparison runs)")

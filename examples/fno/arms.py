@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -13,17 +15,18 @@ from blockyard.losses import ssim
 
 from .sim import diffract
 
-__all__ = ["ARMS", "Arm", "PtychoNet", "Reconstruction", "classify_failure", "deepest_levels", "physics_loss",
-           "reconstruction_metrics"]
+__all__ = ["ARMS", "Arm", "PtychoNet", "Reconstruction", "amp_cv", "classify_failure", "clip_arm", "deepest_levels",
+           "first_failure", "physics_loss", "reconstruction_metrics", "resolve_arm"]
 
 
 class Arm(NamedTuple):
-    """One configuration: the block every encoder level uses, and the clipping rule."""
+    """One configuration: the block every encoder level uses, the clipping rule, and its lr as a multiple of --lr."""
 
     block: Callable[[int, int], nn.Module]
     clip: str | None  # "norm", "agc" or None
     clip_value: float
     description: str
+    lr_scale: float = 1.0
 
 
 ARMS: dict[str, Arm] = {
@@ -34,7 +37,36 @@ ARMS: dict[str, Arm] = {
                              "norm-last, zero-init InstanceNorm affine, no clipping"),
     "stable_layerscale": Arm(partial(StableFNOBlock, scale="layerscale"), None, 0.0,
                              "norm-last, LayerScale 1e-3, no clipping"),
+    "hybrid_lr100": Arm(FNOBlock, None, 0.0, "hybrid, no clipping, 100x --lr: the positive control, built to fail "
+                        "(it shows that the failure rule can fire)", lr_scale=100.0),
 }
+
+_CLIP_ARM = re.compile(r"hybrid_clip([0-9.eE+-]+)")
+
+
+def clip_arm(value: float) -> str:
+    """The name of the control (``hybrid``) with global norm clip ``value``: ``hybrid_clip5``, ``hybrid_clip0.5``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"value: expected a finite clip threshold > 0, got {value!r}")
+    return f"hybrid_clip{value:g}"
+
+
+def resolve_arm(name: str) -> Arm:
+    """An arm by name: one of :data:`ARMS`, or ``hybrid_clip<v>`` (the control with global norm clip ``v``).
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if name in ARMS:
+        return ARMS[name]
+    match = _CLIP_ARM.fullmatch(name)
+    try:
+        value = float(match.group(1)) if match else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"arm: expected one of {list(ARMS)} or hybrid_clip<v> (v > 0), got {name!r}")
+    return Arm(FNOBlock, "norm", value, f"hybrid + global norm clip {value:g}")
 
 
 def deepest_levels(patch: int) -> int:
@@ -102,28 +134,39 @@ def _wrap(phase: torch.Tensor) -> torch.Tensor:
     return torch.remainder(phase + math.pi, 2 * math.pi) - math.pi
 
 
-def reconstruction_metrics(amp: torch.Tensor, phase: torch.Tensor, obj: torch.Tensor) -> dict[str, float]:
+def amp_cv(amp: torch.Tensor) -> float:
+    """std / mean of a stitched amplitude: a collapsed run outputs a constant amplitude (0)."""
+    return float(amp.float().std() / amp.float().mean().clamp_min(1e-12))
+
+
+def _phase_scores(phase: torch.Tensor, true_phase: torch.Tensor) -> tuple[float, float]:
+    """SSIM and MAE of a phase image after removing its one mean offset, compared wrapped."""
+    offset = torch.angle(torch.exp(1j * (phase - true_phase).double()).mean()).float()
+    err = _wrap(_wrap(phase - offset) - true_phase)
+    score = ssim(((true_phase + err + math.pi) / (2 * math.pi))[None, None],
+                 ((true_phase + math.pi) / (2 * math.pi))[None, None], data_range=1.0)
+    return float(score), float(err.abs().mean())
+
+
+def reconstruction_metrics(amp: torch.Tensor, phase: torch.Tensor, obj: torch.Tensor,
+                           phase_patch: torch.Tensor | None = None) -> dict[str, float]:
     """SSIM and MAE of stitched amplitude and phase against the ground-truth object region.
 
-    Amplitude is rescaled by ``mean(target) / mean(pred)`` first (the seed's convention); phase
-    has its mean offset removed (a global phase is unobservable in diffraction) and is compared
-    wrapped, mapped to [0, 1] for SSIM. ``amp_cv`` is the prediction's std / mean: a collapsed
-    run outputs a constant amplitude.
+    Amplitude is rescaled by ``mean(target) / mean(pred)`` first (the seed's convention). Phase is
+    compared wrapped, mapped to [0, 1] for SSIM, after removing its mean offset: ``phase_*`` from
+    ``phase`` (the patches stitched as predicted: one offset for the whole image), ``phase_*_patch``
+    from ``phase_patch`` when given (each patch's own unobservable offset removed before stitching,
+    :mod:`fno.phase`). ``amp_cv`` is the prediction's std / mean: a collapsed run outputs a constant
+    amplitude.
     """
     true_amp, true_phase = obj.abs().float(), obj.angle().float()
-    cv = float(amp.std() / amp.mean().clamp_min(1e-12))
     scaled = amp * (true_amp.mean() / amp.mean().clamp_min(1e-12))
-    offset = torch.angle(torch.exp(1j * (phase - true_phase).double()).mean()).float()
-    aligned = _wrap(phase - offset)
-    err = _wrap(aligned - true_phase)
-    return {
-        "amp_ssim": float(ssim(scaled[None, None], true_amp[None, None])),
-        "amp_mae": float((scaled - true_amp).abs().mean()),
-        "phase_ssim": float(ssim(((true_phase + err + math.pi) / (2 * math.pi))[None, None],
-                                 ((true_phase + math.pi) / (2 * math.pi))[None, None], data_range=1.0)),
-        "phase_mae": float(err.abs().mean()),
-        "amp_cv": cv,
-    }
+    out = {"amp_ssim": float(ssim(scaled[None, None], true_amp[None, None])),
+           "amp_mae": float((scaled - true_amp).abs().mean()), "amp_cv": amp_cv(amp)}
+    out["phase_ssim"], out["phase_mae"] = _phase_scores(phase, true_phase)
+    if phase_patch is not None:
+        out["phase_ssim_patch"], out["phase_mae_patch"] = _phase_scores(phase_patch, true_phase)
+    return out
 
 
 def classify_failure(finite: bool, best_val: float, final_val: float, amp_cv: float) -> str | None:
@@ -134,4 +177,25 @@ def classify_failure(finite: bool, best_val: float, final_val: float, amp_cv: fl
         return "collapsed"
     if final_val > 3 * best_val:
         return "diverged"
+    return None
+
+
+def first_failure(curve: Sequence[Mapping[str, float]], nonfinite_step: int | None = None
+                  ) -> tuple[int, str] | None:
+    """Time to failure: the step and kind of the first evaluation at which the failure rule fires on the run so far.
+
+    ``curve`` holds one evaluation per epoch (``step``, ``train_loss``, ``val_loss``, ``amp_cv`` of
+    the validation reconstruction); at evaluation ``k`` the rule sees ``best = min(val[:k+1])`` and
+    ``final = val[k]``. A non-finite loss is dated more finely, by ``nonfinite_step``: the first
+    optimizer step whose loss or gradient norm was not finite. None if the rule never fires.
+    """
+    for k, c in enumerate(curve):
+        vals = [e["val_loss"] for e in curve[:k + 1]]
+        finite = all(math.isfinite(e["train_loss"]) and math.isfinite(e["val_loss"]) for e in curve[:k + 1])
+        kind = classify_failure(finite, min(vals), vals[-1], c["amp_cv"])
+        if kind is not None:
+            step = c["step"]
+            if kind == "non-finite" and nonfinite_step is not None:
+                step = min(step, nonfinite_step)
+            return step, kind
     return None

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Scan", "diffract", "lines_object", "make_probe", "simulate", "stitch"]
+__all__ = ["Scan", "Splits", "diffract", "lines_object", "make_probe", "simulate", "simulate_splits", "stitch"]
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -118,6 +118,27 @@ def simulate(size: int, n: int, stride: int, probe: torch.Tensor, nphotons: floa
     scale = math.sqrt(nphotons / float((amp**2).sum((-2, -1)).mean()))
     noisy = torch.sqrt(torch.poisson((scale * amp) ** 2, generator=generator)) / scale
     return Scan(noisy[:, None].float(), patches, obj, probe, (rows, cols), stride)
+
+
+class Splits(NamedTuple):
+    """Three scans of three independently drawn objects: train, validation (model selection, the failure
+    rule's curve) and test (the reported reconstruction metrics)."""
+
+    train: Scan
+    val: Scan
+    test: Scan
+
+
+def simulate_splits(size: int, n: int, stride: int, probe: torch.Tensor, nphotons: float = 1e9,
+                    generator: torch.Generator | None = None) -> Splits:
+    """:func:`simulate` three times from one generator: the train, validation and test objects, in that order.
+
+    Each call draws its own lines and its own noise, so the validation object is never the test
+    object: the best validation loss is not a test-set number.
+    """
+    train = simulate(size, n, stride, probe, nphotons, generator=generator)
+    val = simulate(size, n, stride, probe, nphotons, generator=generator)
+    return Splits(train, val, simulate(size, n, stride, probe, nphotons, generator=generator))
 
 
 def stitch(patches: torch.Tensor, grid: tuple[int, int], stride: int) -> torch.Tensor:

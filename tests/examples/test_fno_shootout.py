@@ -166,6 +166,9 @@ def test_smoke_sweep_learns_and_writes_everything(finished):
         assert r["final_val"] < 0.995 * r["init_val"], (r["arm"], r["seed"], r["init_val"], r["final_val"])
         assert r["curve"][0]["lr"] > 0 and r["curve"][-1]["lr"] != r["curve"][0]["lr"]  # the schedule steps
         assert r["stepper"]["scaler"] == {}  # fp32: no scaler
+        # the test object's numbers beside the validation curve; both phase scores; no failure, so no failure step
+        assert math.isfinite(r["test_loss"]) and 0 < r["phase_ssim_patch"] <= 1 and 0 < r["phase_ssim"] <= 1
+        assert r["failure_step"] is None and r["schedule"] == "cosine"
     lines = read_metrics(finished / "metrics.jsonl")
     assert len(lines) == (4 + 2) * 2 and [m["step"] for m in lines[:2]] == [4, 8]  # (4 + 2) runs x 2 epochs
     assert [m["stage"] for m in lines] == ["A"] * 8 + ["B"] * 4
