@@ -6,6 +6,7 @@ float64, on predictions of log2 h.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,23 +17,61 @@ from .heights import GROUPS, NK
 from .models import MoE, encode
 
 __all__ = ["Split", "group_mean_baseline", "group_means", "group_table", "per_group_log2_mse", "plot_groups",
-           "routing"]
+           "routing", "row_split", "shared_code_rows"]
 
 
 class Split:
-    """One split in memory: raw padded P (N, 6, 6), its true shape (N, 2), side (N, 3), z (N,), group (N,)."""
+    """One split in memory: raw padded P ``matrix (N, 6, 6)``, its true ``shape (N, 2)`` = (k, n - k), ``side (N, 3)``
+    = (n, k, m), ``group (N,)`` and ``code (N,)`` (the code's id: the rows of one code share it) on the device;
+    ``log2h (N,)`` float64 on the CPU and ``z (N,)``, log2 h standardised by ``mean`` and ``std`` (the training
+    split's; its own when not given)."""
 
-    def __init__(self, folder: Path, device: torch.device, mean: float | None = None, std: float | None = None):
-        ds = ShardDataset(folder)
-        self.log2h = ds.column("target").double().log2()
+    COLUMNS = ("matrix", "shape", "side", "group", "code")
+
+    def __init__(self, columns: dict[str, torch.Tensor], log2h: torch.Tensor, mean: float | None = None,
+                 std: float | None = None) -> None:
+        for name in self.COLUMNS:
+            if columns[name].shape[0] != log2h.shape[0]:
+                raise ValueError(f"columns[{name!r}]: expected {log2h.shape[0]} rows, got {tuple(columns[name].shape)}")
+        self.matrix, self.shape, self.side, self.group, self.code = (columns[name] for name in self.COLUMNS)
+        self.log2h = log2h.double().cpu()
         self.mean = float(self.log2h.mean()) if mean is None else mean
         self.std = float(self.log2h.std()) if std is None else std
-        self.matrix = ds.column("matrix").float().to(device)
-        self.shape = ds.column("shape").long().to(device)  # true (k, n - k), for the augmentation
-        self.side = ds.column("side").float().to(device)
-        self.z = ((self.log2h - self.mean) / self.std).float().to(device)
-        self.group = ds.column("group").long().to(device)
-        self.n = len(ds)
+        self.z = ((self.log2h - self.mean) / self.std).float().to(self.matrix.device)
+        self.n = int(log2h.shape[0])
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device, mean: float | None = None, std: float | None = None) -> Split:
+        """The ``ShardDataset`` in ``folder`` (as ``build_data`` wrote it)."""
+        ds = ShardDataset(folder)
+        dtypes = {"matrix": torch.float32, "shape": torch.int64, "side": torch.float32, "group": torch.int64,
+                  "code": torch.int64}
+        columns = {name: ds.column(name).to(device, dtype) for name, dtype in dtypes.items()}
+        return cls(columns, ds.column("target").double().log2(), mean, std)
+
+
+def row_split(splits: Sequence[Split], seed: int = 0) -> tuple[Split, ...]:
+    """The seed's split: the rows of ``splits`` pooled, shuffled and dealt back into splits of the same sizes.
+
+    The seed split its rows 80/20 at random, so the rows of one code (its m = 2 .. n-k) fall on both
+    sides: a model can learn a code's P from one m and be validated on it at another. Our default
+    splits by code; this control measures what that leak is worth. Standardised by the new
+    first (training) split's mean and std.
+    """
+    log2h = torch.cat([s.log2h for s in splits])
+    columns = {name: torch.cat([getattr(s, name) for s in splits]) for name in Split.COLUMNS}
+    order = torch.randperm(len(log2h), generator=torch.Generator().manual_seed(seed))
+    out: list[Split] = []
+    for idx in order.split([s.n for s in splits]):
+        stats = (out[0].mean, out[0].std) if out else (None, None)
+        picked = {name: col[idx.to(col.device)] for name, col in columns.items()}
+        out.append(Split(picked, log2h[idx], *stats))
+    return tuple(out)
+
+
+def shared_code_rows(split: Split, train: Split) -> float:
+    """Share of ``split``'s rows whose code also has a row in ``train`` (0 under the split by code)."""
+    return float(torch.isin(split.code, train.code).double().mean())
 
 
 def group_means(values: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

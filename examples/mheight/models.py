@@ -3,9 +3,10 @@
 Every model maps ``(x, side, key)`` (from :func:`encode`) to a prediction of ``log2(h_m)``,
 standardised by the training set's mean and std (the script undoes it). ``P`` is the
 zero-padded ``(6, 6)`` parity part of ``G = [I_k | P]`` and ``side`` is ``(n, k, m)``.
-:func:`encode` adds a ``log2|P|`` channel and, with ``scaling="standard"``, scales both channels
-and the side to O(1) (``scaling="none"`` feeds them raw, as the seed's best ResNet did), and
-:func:`augment` draws a random symmetry of the heights for training.
+:func:`encode` adds a ``log2|P|`` channel (unless ``log_channel=False``) and, with
+``scaling="standard"``, scales the channels and the side to O(1) (``scaling="none"`` feeds them
+raw, as the seed's best ResNet did), and :func:`augment` draws a random symmetry of the heights
+for training. ``in_channels`` of every builder is 2 with the log channel, 1 without.
 
 - ``fcn``: the seed's FCN, ``MLP(2 * 36 + 3 -> 512 -> 256 -> 128 -> 1)`` with dropout 0.3
   (widths and dropout are arguments).
@@ -17,6 +18,9 @@ and the side to O(1) (``scaling="none"`` feeds them raw, as the seed's best ResN
   gate (one expert per code shape, the seed's first MoEs), a dense soft gate (its FCN MoE) or a
   sparse top-k gate (its best model: top-2 ResNet experts, each a copy of one trained ResNet),
   optionally with a learned temperature.
+- ``binned``: the ResNet as a classifier over bins of log2 h (``mheight.binned.Binned``).
+- ``control``: the MoE's same-budget control, no model of its own: the script fine-tunes a copy
+  of the trained expert family exactly as it fine-tunes the MoE.
 """
 from __future__ import annotations
 
@@ -30,10 +34,11 @@ from blockyard.blocks import MLP, KeyGate, MixtureOfExperts, ResNet2d, SoftGate,
 
 from .heights import NK
 
-__all__ = ["EXPERTS", "GATES", "MODELS", "SCALINGS", "Features", "FlatMLP", "MoE", "Prediction", "augment",
+__all__ = ["EXPERTS", "FAMILIES", "GATES", "MODELS", "SCALINGS", "Features", "FlatMLP", "MoE", "Prediction", "augment",
            "build_expert", "build_model", "encode"]
 
-MODELS = ("fcn", "resnet", "vit", "moe")
+FAMILIES = ("fcn", "resnet", "vit", "moe")  # what build_model builds
+MODELS = (*FAMILIES, "control", "binned")  # what --models trains
 EXPERTS = ("resnet", "fcn")
 GATES = ("hard", "soft", "topk")
 SCALINGS = ("standard", "none")
@@ -50,10 +55,11 @@ class Features(NamedTuple):
     key: torch.Tensor
 
 
-def encode(matrix: torch.Tensor, side: torch.Tensor, scaling: str = "standard") -> Features:
+def encode(matrix: torch.Tensor, side: torch.Tensor, scaling: str = "standard", log_channel: bool = True) -> Features:
     """Raw padded P ``(B, 6, 6)`` and ``(n, k, m)`` ``(B, 3)`` -> the models' :class:`Features`.
 
-    Channel 0 is ``P``, channel 1 ``log2|P|`` (0 on the padding). Heights are ratios of codeword
+    Channel 0 is ``P``, channel 1 ``log2|P|`` (0 on the padding; left out with
+    ``log_channel=False``, so ``x`` is ``(B, 1, 6, 6)``: the ablation). Heights are ratios of codeword
     magnitudes, so the log channel turns their multiplicative structure additive: without it a
     32x3 ResNet stayed at the group-mean baseline's validation Log2-MSE (1.36) for 5 epochs; with
     it, it reached 1.28 after 4. ``scaling="standard"`` divides the channels by 100 and 7 (the
@@ -69,10 +75,11 @@ def encode(matrix: torch.Tensor, side: torch.Tensor, scaling: str = "standard") 
     log_mag = torch.where(matrix != 0, torch.log2(matrix.abs().clamp_min(1e-6)), torch.zeros_like(matrix))
     n, k = side[:, 0].round().long(), side[:, 1].round().long()
     key = (n - NK[0][0]) * 3 + (k - NK[0][1])  # NK is n-major over k = 4, 5, 6
-    if scaling == "none":
-        return Features(torch.stack([matrix, log_mag], dim=1), side, key)
-    center, scale = side.new_tensor(_SIDE_CENTER), side.new_tensor(_SIDE_SCALE)
-    return Features(torch.stack([matrix / 100.0, log_mag / 7.0], dim=1), (side - center) / scale, key)
+    if scaling == "standard":
+        matrix, log_mag = matrix / 100.0, log_mag / 7.0
+        side = (side - side.new_tensor(_SIDE_CENTER)) / side.new_tensor(_SIDE_SCALE)
+    channels = [matrix, log_mag] if log_channel else [matrix]
+    return Features(torch.stack(channels, dim=1), side, key)
 
 
 def augment(matrix: torch.Tensor, shape: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -105,10 +112,12 @@ def augment(matrix: torch.Tensor, shape: torch.Tensor, generator: torch.Generato
 
 
 class Prediction(NamedTuple):
-    """``value``: ``(B,)`` standardised log2 h; ``aux_loss``: the gate's balance loss (0 without a gate)."""
+    """``value``: ``(B,)`` standardised log2 h; ``aux_loss``: the gate's balance loss (0 without a gate);
+    ``logits``: ``(B, C)`` bin scores of a classifier (``Binned``), None for a regressor."""
 
     value: torch.Tensor
     aux_loss: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 class FlatMLP(nn.Module):
@@ -185,26 +194,31 @@ class MoE(nn.Module):
 
 
 def build_expert(kind: str, base_channels: int = 64, num_blocks: int = 5, fcn_widths: tuple[int, ...] = FCN_WIDTHS,
-                 fcn_dropout: float = 0.3) -> nn.Module:
-    """One ``(x, side) -> (B, 1)`` network of :data:`EXPERTS`."""
+                 fcn_dropout: float = 0.3, in_channels: int = 2, out_dim: int = 1) -> nn.Module:
+    """One ``(x, side) -> (B, out_dim)`` network of :data:`EXPERTS` on ``in_channels`` 6x6 maps."""
     if kind == "fcn":
-        return FlatMLP(2 * 36 + 3, tuple(fcn_widths), fcn_dropout)
+        return FlatMLP(in_channels * 36 + 3, tuple(fcn_widths), fcn_dropout)
     if kind == "resnet":
-        return ResNet2d(2, base_channels, num_blocks, side_dim=3, out_dim=1, pool_size=6)
+        return ResNet2d(in_channels, base_channels, num_blocks, side_dim=3, out_dim=out_dim, pool_size=6)
     raise ValueError(f"kind: expected one of {EXPERTS}, got {kind!r}")
 
 
 def build_model(name: str, base_channels: int = 64, num_blocks: int = 5, *, fcn_widths: tuple[int, ...] = FCN_WIDTHS,
                 fcn_dropout: float = 0.3, experts: str = "resnet", gate: str = "topk", k: int = 2,
-                learn_temperature: bool = False) -> nn.Module:
-    """One of :data:`MODELS` (``"moe"``: six freshly initialised ``experts``; see ``MoE.from_backbone``)."""
+                learn_temperature: bool = False, in_channels: int = 2) -> nn.Module:
+    """One of :data:`FAMILIES` (``moe``: six freshly initialised ``experts``; see ``MoE.from_backbone``).
+
+    ``binned`` needs bin edges (``mheight.binned.Binned``) and ``control`` a trained model: the script builds them.
+    """
+    if in_channels not in (1, 2):
+        raise ValueError(f"in_channels: expected 1 (P) or 2 (P and log2|P|), got {in_channels!r}")
     sizes = {"base_channels": base_channels, "num_blocks": num_blocks, "fcn_widths": fcn_widths,
-             "fcn_dropout": fcn_dropout}
+             "fcn_dropout": fcn_dropout, "in_channels": in_channels}
     if name in EXPERTS:
         return _Plain(build_expert(name, **sizes))
     if name == "vit":
-        return _Plain(ViT2d(2, 3, 128, 4, 8, side_dim=3, out_dim=1, img_size=6, mlp_ratio=2.0, side_hidden=128,
-                            act_layer=nn.ReLU))
+        return _Plain(ViT2d(in_channels, 3, 128, 4, 8, side_dim=3, out_dim=1, img_size=6, mlp_ratio=2.0,
+                            side_hidden=128, act_layer=nn.ReLU))
     if name == "moe":
         return MoE([build_expert(experts, **sizes) for _ in NK], gate=gate, k=k, learn_temperature=learn_temperature)
-    raise ValueError(f"name: expected one of {MODELS}, got {name!r}")
+    raise ValueError(f"name: expected one of {FAMILIES}, got {name!r}")

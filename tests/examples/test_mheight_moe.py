@@ -12,7 +12,7 @@ import run_contract as contract
 import torch
 from gradients import leave_identity_init, without_gradient
 from mheight.heights import NK, mheights
-from mheight.models import MODELS, MoE, augment, build_model, encode
+from mheight.models import FAMILIES, MoE, augment, build_model, encode
 from torchrun_helpers import read_metrics, run_example
 
 from blockyard.data import ShardDataset
@@ -32,7 +32,7 @@ def batch(b=5, seed=0):
     return encode(matrix, side)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_models_map_p_and_side_to_one_value_per_row_and_every_used_parameter_gets_a_gradient(name, one_thread):
     """Off the identity-at-init state (the ViT's zero-init branch outputs block the gradient upstream of them on
     step one), every parameter gets a gradient, except exactly those of the MoE experts that the top-2 gate
