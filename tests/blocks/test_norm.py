@@ -97,6 +97,21 @@ def test_layernorm2d_bf16_autocast_uses_float32_statistics():
     torch.testing.assert_close(y32, norm(x.float()), rtol=0, atol=0)  # autocast does not lower it
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_layernorm2d_values_and_gradients_match_layer_norm_in_both_memory_formats(memory_format):
+    # the forward copies x to channels-last itself (a no-op for channels_last input)
+    norm = _randomise_(LayerNorm2d(6))
+    x = (torch.randn(2, 6, 5, 7) * 3 + 1).contiguous(memory_format=memory_format).requires_grad_()
+    g = torch.randn(2, 6, 5, 7)
+    ref = F.layer_norm(x.permute(0, 2, 3, 1), (6,), norm.weight, norm.bias, 1e-6).permute(0, 3, 1, 2)
+    y = norm(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    got = torch.autograd.grad(y, [x, norm.weight, norm.bias], g)
+    want = torch.autograd.grad(ref, [x, norm.weight, norm.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 5), (2, 5, 4, 4), (2, 6, 3, 3, 3)])
 def test_layernorm2d_rejects_bad_input(shape):
     with pytest.raises(ValueError, match=r"x: expected \(B, 6, H, W\)"):
@@ -144,6 +159,31 @@ def test_grn_matches_naive_reference(channels_last):
     if channels_last:
         out = out.permute(0, 3, 1, 2)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grn_fused_path_matches_reference_path_values_and_gradients(channels_last, masked):
+    # fused: x * (1 + gamma * N) + beta in one addcmul; reference: x + beta + gamma * (x * N)
+    fused = _random_grn(5, channels_last)
+    assert fused.fused
+    ref = GRN(5, channels_last=channels_last, fused=False)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 5, 4, 6) * torch.tensor([0.1, 1.0, 3.0, 10.0, 0.5]).view(1, 5, 1, 1)  # N from ~0 to ~3
+    mask = _mask(3, 4, 6) if masked else None
+    if masked:
+        mask[2] = True  # a fully masked sample: N = 0, gradients must stay finite
+    x = (x.permute(0, 2, 3, 1).contiguous() if channels_last else x).requires_grad_()
+    g = torch.randn_like(x)
+    outs = []
+    for grn in (fused, ref):
+        y = grn(x, mask)
+        outs.append((y, *torch.autograd.grad(y, [x, grn.gamma, grn.beta], g)))
+    for a, b in zip(*outs):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the gradient of gamma goes through N: a fused path that detached N would differ here
+    assert outs[0][2].abs().sum() > 0
 
 
 def test_grn_eps_is_added_to_the_channel_mean():
