@@ -230,10 +230,12 @@ class AnnealGuide(NamedTuple):
     model_temperature: float = 1.0  # tau on the model's proposal distribution
     model_every: int = 50  # proposals (or accepted ops) between scorings of a changed state
     requery: str = "proposals"  # what model_every counts: "proposals" or "accepted"
+    model_start: float = 0.0  # share of the proposals (the hot start) that are uniform, without model calls
 
 
 def _time_ratios(records: list[dict], model_s: list[float], uniform_s: list[float]) -> dict[str, float]:
-    # per zone pattern: the model-guided runs' wall time over the uniform runs' at the same proposals
+    # per zone pattern: the model-guided runs' time (CPU seconds, see search.drive) over the uniform runs' at
+    # the same proposals
     by_pattern: dict[str, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
         by_pattern[rec["zone_pattern"]].append(i)
@@ -248,8 +250,9 @@ def _anneal_summary(run) -> dict[str, Any]:
 
 def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, guide: AnnealGuide,
                     time_ratio: float | None = None) -> list[dict]:
-    """Model-guided vs uniform annealing at equal proposals, and uniform at equal wall time: its
-    budget is each record's times the pattern's measured model/uniform time ratio (or ``time_ratio``)."""
+    """Model-guided vs uniform annealing at equal proposals, and uniform at equal time: its budget is
+    each record's times the pattern's measured model/uniform time ratio (or ``time_ratio``); time is
+    CPU seconds of this process (``search.drive``), the wall time of a dedicated core."""
     schedules = [{**SCHEDULE, **{k: rec[k] for k in SCHEDULE if k in rec}} for rec in records]
 
     def runs(kind: str, key: int, budgets: list[int]):
@@ -308,8 +311,8 @@ def run_evaluation(model: torch.nn.Module, data_dir: str | Path | None, *, n_per
         anneal_per_pattern: setting 2 test trajectories per zone pattern (None = ``n_per_pattern // 2``, >= 1).
         anneal_iters: setting 2 op budget (None = each record's own ``iters``).
         guide: how setting 2's model-guided annealer uses the model (None = :class:`AnnealGuide`'s defaults).
-        time_ratio: setting 2's equal-wall-time uniform budget as a multiple of the proposal budget
-            (None = measured: the pattern's model-guided over uniform wall time at equal proposals).
+        time_ratio: setting 2's equal-time uniform budget as a multiple of the proposal budget (None =
+            measured: the pattern's model-guided over uniform CPU seconds at equal proposals).
         smoke: at most 2 starts/trajectories and 1 annealed trajectory per pattern, 150 annealing proposals.
         test_records: held-out records (``trajectories.load_trajectories`` of a file in the seed's
             format, or teacher records) used instead of the test split.
@@ -361,8 +364,9 @@ def run_evaluation(model: torch.nn.Module, data_dir: str | Path | None, *, n_per
         "setting1": "greedy from mid-trajectory states (an improving op exists): model-ranked vs random "
                     "order, same number of op checks; oracle = brute-force greedy over all deltas",
         "setting2": "annealing from the initial paths (nearly local minima), teacher schedule: model-guided "
-                    "(a mix of model-weighted and uniform proposals, see guide) vs uniform proposals (the teacher) "
-                    "at the same proposal budget, and uniform at the same wall time; teacher = the record's result",
+                    "(a mix of model-weighted and uniform proposals, see guide) vs uniform proposals (the teacher) at "
+                    "the same proposal budget, and uniform at the same time (CPU seconds); teacher = the record's "
+                    "result",
         "setting3": "the seed's inference protocol from the initial paths (history seeding, K x 8 "
                     "per-hypothesis candidates, exploration 0.15, adaptive give-up) vs random order at the "
                     "same op checks; teacher = the record's initial -> final",
@@ -401,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-every", type=int, default=defaults.model_every,
                         help="setting 2: re-score a changed state every N proposals (or accepted ops, --requery)")
     parser.add_argument("--requery", choices=("proposals", "accepted"), default=defaults.requery)
+    parser.add_argument("--model-start", type=float, default=defaults.model_start,
+                        help="setting 2: share of the proposals (the hot start) made uniformly, before any model call")
     parser.add_argument("--time-ratio", type=float, default=None,
                         help="setting 2: equal-time uniform budget as a multiple of the proposals (default measured)")
     parser.add_argument("--settings", default="1,2,3", help="which settings to run, e.g. 2")
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"test trajectories {args.test_trajectories}: {format_counts(counts)}")
     net = FusionNet(**(saved_model_config(args.checkpoint) or {})).to(args.device)
     loaded = load_checkpoint(args.checkpoint, net)
-    guide = AnnealGuide(args.explore_prob, args.model_temperature, args.model_every, args.requery)
+    guide = AnnealGuide(args.explore_prob, args.model_temperature, args.model_every, args.requery, args.model_start)
     results = run_evaluation(net, args.data, n_per_pattern=args.n_per_pattern, seed=args.seed, device=args.device,
                              smoke=args.smoke, anneal_per_pattern=args.anneal_per_pattern,
                              anneal_iters=args.anneal_iters, guide=guide, time_ratio=args.time_ratio,

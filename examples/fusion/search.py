@@ -320,7 +320,7 @@ def proposal_prior(scores: Scores, *, temperature: float = 1.0) -> np.ndarray:
 def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.random.Generator,
            guide: str = "uniform", history: History | None = None, initial_crossings: int | None = None,
            explore_prob: float = 0.15, model_temperature: float = 1.0, model_every: int = 50,
-           requery: str = "proposals", target: int | None = None) -> SearchGen:
+           requery: str = "proposals", model_start: float = 0.0, target: int | None = None) -> SearchGen:
     r"""Simulated annealing with the teacher's schedule (``teacher.temperature``) and acceptance.
 
     Each iteration proposes one op from the applicable pool (``env.candidates()``, rebuilt after
@@ -342,7 +342,9 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
     with ``requery="proposals"`` at every ``model_every``-th proposal after at least one accepted
     op, with ``"accepted"`` once ``model_every`` ops were accepted since the last scoring. Between
     scorings the last scores are reused on the current pool (one cumulative sum per pool, one
-    binary search per proposal). Improving accepted ops are pushed onto ``history``.
+    binary search per proposal). With ``model_start`` (a fraction of ``iters``) the first
+    ``model_start * iters`` proposals, the hot phase where annealing wanders, are uniform and the
+    model is first called after them. Improving accepted ops are pushed onto ``history``.
     """
     if guide not in ("model", "uniform"):
         raise ValueError(f"guide: expected 'model' or 'uniform', got {guide!r}")
@@ -356,6 +358,9 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
         raise ValueError(f"model_every: expected >= 1, got {model_every}")
     if requery not in ("proposals", "accepted"):
         raise ValueError(f"requery: expected 'proposals' or 'accepted', got {requery!r}")
+    if not 0.0 <= model_start <= 1.0:
+        raise ValueError(f"model_start: expected a fraction of iters in [0, 1], got {model_start}")
+    first_guided = math.ceil(model_start * iters) if guide == "model" else iters
     history = History() if history is None else history
     initial_crossings = env.crossings if initial_crossings is None else initial_crossings
     start = best = env.crossings
@@ -364,14 +369,14 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
     pool = env.candidates()
     prior, cdf, changed, calls = None, None, 0, 0  # changed: ops accepted since the last scoring
     for i in range(iters):
-        if guide == "model" and (prior is None or (changed > 0 and (
+        if i >= first_guided and (prior is None or (changed > 0 and (
                 i % model_every == 0 if requery == "proposals" else changed >= model_every))):
             scores = yield ScoreRequest(env, history, initial_crossings)
             prior = proposal_prior(scores, temperature=model_temperature)
             cdf, changed, calls = None, 0, calls + 1
         if pool.size == 0:
             continue
-        if guide == "uniform":
+        if i < first_guided:
             j = int(rng.integers(pool.size))
         else:
             if cdf is None:
@@ -405,8 +410,10 @@ def drive(searches: Sequence[SearchGen], score: Callable[[list[ScoreRequest]], l
     """Run search generators side by side; every round, all pending requests go to ``score`` in one
     call (so it can batch them through the model). Returns each search's result, in order.
 
-    With ``clock`` (a list of ``len(searches)`` floats), each search's wall seconds are added to its
-    entry: the time spent in its own steps plus an equal share of every scoring call it was part of.
+    With ``clock`` (a list of ``len(searches)`` floats), each search's CPU seconds (``time.process_time``:
+    the wall time of a process that has its cores to itself, and unlike wall time not inflated by
+    other jobs on a shared machine) are added to its entry: the time spent in its own steps plus an
+    equal share of every scoring call it was part of.
     """
     if clock is not None and len(clock) != len(searches):
         raise ValueError(f"clock: expected {len(searches)} entries (one per search), got {len(clock)}")
@@ -414,13 +421,13 @@ def drive(searches: Sequence[SearchGen], score: Callable[[list[ScoreRequest]], l
     pending: dict[int, ScoreRequest] = {}
 
     def advance(i: int, value: Scores | None) -> None:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         try:
             pending[i] = searches[i].send(value)
         except StopIteration as stop:
             results[i] = stop.value
         if clock is not None:
-            clock[i] += time.perf_counter() - t0
+            clock[i] += time.process_time() - t0
 
     for i in range(len(searches)):
         advance(i, None)
@@ -429,10 +436,10 @@ def drive(searches: Sequence[SearchGen], score: Callable[[list[ScoreRequest]], l
             raise ValueError("score: a search asked for model scores but no scoring function was given")
         batch = list(pending.items())
         pending.clear()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         scored = score([request for _, request in batch])
         if clock is not None:
-            share = (time.perf_counter() - t0) / len(batch)
+            share = (time.process_time() - t0) / len(batch)
             for i, _ in batch:
                 clock[i] += share
         for (i, _), scores in zip(batch, scored, strict=True):

@@ -116,7 +116,7 @@ def test_bad_annealing_arguments_are_refused(record):
 
 def test_drive_clocks_each_search_with_its_share_of_the_scoring(monkeypatch):
     fake = SimpleNamespace(t=0.0)
-    monkeypatch.setattr(search, "time", SimpleNamespace(perf_counter=lambda: fake.t))
+    monkeypatch.setattr(search, "time", SimpleNamespace(process_time=lambda: fake.t))
     request = ScoreRequest(None, None, 0)
 
     def searcher(n):
@@ -187,3 +187,30 @@ def test_setting2_row_reports_the_gap_closed_to_the_bound():
     assert row["model_beats_uniform_time_fraction"] == pytest.approx(1 / 3)
     assert row["model_loses_to_uniform_time_fraction"] == pytest.approx(1 / 3)
     assert row["uniform_time_budget"] == 150 and row["model_calls"] == 4 and row["model_seconds"] == 3.0
+
+
+def test_model_start_keeps_the_hot_phase_uniform_and_unscored(record):
+    def run(guide, model_start=0.0):
+        start = env_from_record(record)
+        env = FrozenEnv(start.zones, start.H, start.V)  # every proposal is "applied" (logged) at this temperature
+        env.proposed, at_call = [], []
+        h, w = env.zones.shape
+        rng = np.random.default_rng(5)
+
+        def score(reqs):
+            at_call.append(len(env.proposed))
+            return [Scores(rng.random((4, h, w)), rng.random((12, h, w))) for _ in reqs]
+
+        [res] = drive([anneal(env, iters=400, t_max=1e12, t_min=1e12, rng=np.random.default_rng(0), guide=guide,
+                              model_start=model_start, explore_prob=0.0)], score)
+        return env.proposed, at_call, res
+
+    uniform, _, _ = run("uniform")
+    hot, at_call, res = run("model", model_start=1.0)
+    assert hot == uniform and at_call == [] and res.model_calls == 0  # the teacher's run, op for op
+    half, at_call, res = run("model", model_start=0.3)
+    assert at_call[0] == 120 and res.model_calls == len(at_call) > 1  # first scored at proposal ceil(0.3 * 400)
+    assert half[:120] == uniform[:120] and half[120:] != uniform[120:]
+    with pytest.raises(ValueError, match="model_start"):
+        drive([anneal(env_from_record(record), iters=5, t_max=1.0, t_min=1.0, rng=np.random.default_rng(0),
+                      model_start=1.5)])
