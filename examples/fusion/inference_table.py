@@ -61,7 +61,7 @@ def anneal_row(items: list[dict]) -> dict[str, Any]:
         row[f"{name}_reached_teacher_fraction"] = _mean([float(r["reached_at"] is not None) for r in runs])
         row[f"{name}_ops_to_teacher"] = _mean([r["reached_at"] for r in runs if r["reached_at"] is not None])
         row[f"{name}_seconds"] = _mean([it["seconds"][name] for it in items])
-    # per grid, model-guided against uniform at equal proposals and at equal wall time
+    # per grid, model-guided against uniform at equal proposals and at equal time
     for other in ("uniform", "uniform_time"):
         row[f"model_beats_{other}_fraction"] = _mean([float(it["model"]["best"] < it[other]["best"]) for it in items])
         row[f"model_loses_to_{other}_fraction"] = _mean([float(it["model"]["best"] > it[other]["best"])
@@ -135,7 +135,7 @@ def format_table(results: dict[str, Any]) -> str:
     if "setting2" in results:
         tables.append(_table(
             "Setting 2: annealing from the initial paths, model-guided vs uniform proposals (the teacher) at equal "
-            "proposals and uniform at equal wall time", results["setting2"], [
+            "proposals and uniform at equal time (CPU seconds)", results["setting2"], [
                 ("n", "n", "int"), ("initial", "initial_crossings", "f1"), ("bound", "bound", "f1"),
                 ("budget", "budget", "int"), ("red model", "model_mean_reduction", "f2"),
                 ("red uniform", "uniform_mean_reduction", "f2"), ("red teacher", "teacher_mean_reduction", "f2"),
@@ -163,8 +163,8 @@ def format_table(results: dict[str, Any]) -> str:
     notes = ("red = mean crossing reduction; bound = mean (connected zone regions - 1), below which no path "
              "goes; gap = share of the gap from the start to the bound closed (sums over the grids); impr = share "
              "of grids improved; 1st = mean tries to the first improvement (improved grids only); tries = op "
-             "checks per grid (both searches); time x = model-guided wall time over uniform's at equal proposals, "
-             "the budget of u.time (uniform at equal wall time); win/loss u (u.t) = share of grids where the "
+             "checks per grid (both searches); time x = model-guided CPU time over uniform's at equal proposals, "
+             "the budget of u.time (uniform at equal time); win/loss u (u.t) = share of grids where the "
              "model-guided best is lower / higher than uniform's at equal proposals (equal time); reach = share "
              "reaching the teacher record's result; calls = model scorings per grid; >= teacher = share ending "
              "at or below the teacher's final count; seeded = ops kept by history seeding")
