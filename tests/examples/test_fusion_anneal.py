@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fusion import infer, search
 from fusion.env import FusionEnv
-from fusion.inference_table import anneal_row
+from fusion.inference_table import anneal_row, search_criteria
 from fusion.search import AnnealResult, ScoreRequest, Scores, anneal, drive, proposal_prior
 from fusion.teacher import env_from_record, run_teacher
 
@@ -214,3 +214,29 @@ def test_model_start_keeps_the_hot_phase_uniform_and_unscored(record):
     with pytest.raises(ValueError, match="model_start"):
         drive([anneal(env_from_record(record), iters=5, t_max=1.0, t_min=1.0, rng=np.random.default_rng(0),
                       model_start=1.5)])
+
+
+def test_search_criteria_judge_setting2_against_the_ceiling_and_the_gap():
+    def row(model, uniform, improved=1.0, teacher=0.5):
+        return {"model_gap_closed": model, "uniform_gap_closed": uniform, "model_improved_fraction": improved,
+                "teacher_gap_closed": teacher}
+
+    def judge(of_ceiling, improving, rows):
+        records = [{"pos_top1_of_ceiling": 0.1, "improving_top1": 0.1},
+                   {"pos_top1_of_ceiling": of_ceiling, "improving_top1": improving}]  # the last epoch is judged
+        return [c["result"] for c in search_criteria(records, {"setting2": rows})]
+
+    good = {"islands": row(0.85, 0.6), "voronoi": row(0.82, 0.5), "overall": row(0.84, 0.55)}
+    assert judge(0.95, 0.81, good) == ["PASS", "PASS", "PASS"]
+    assert judge(0.67, 0.81, good) == ["PASS", "FAIL", "PASS"]  # 2/3 of the ceiling passes 3, not 4
+    assert judge(0.66, 0.81, good) == ["FAIL", "FAIL", "PASS"]
+    assert judge(0.95, 0.79, good) == ["PASS", "PASS", "FAIL"]
+    tie = {**good, "voronoi": row(0.5, 0.5)}  # not better than uniform on one pattern
+    assert judge(0.95, 0.9, tie) == ["PASS", "FAIL", "PASS"]
+    none = {**good, "islands": row(0.0, 0.0)}  # no reduction on one pattern
+    assert judge(0.95, 0.9, none)[:2] == ["FAIL", "FAIL"]
+    assert judge(0.95, 0.9, {**good, "overall": row(0.84, 0.55, improved=0.5)})[1] == "FAIL"
+    assert judge(0.95, 0.9, {**good, "overall": row(0.79, 0.55)})[2] == "FAIL"
+    assert judge(None, None, good) == ["N/A", "N/A", "N/A"]  # a run from before the ceiling was measured
+    assert [c["result"] for c in search_criteria([{}], None)] == ["N/A"] * 3
+    assert [c["stage"] for c in search_criteria([{}], None)] == [3, 4, "goal"]
