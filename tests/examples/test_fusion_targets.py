@@ -10,7 +10,7 @@ import pytest
 import torch
 from fusion.batches import Batch, FusionSamples, ModelInputs, model_inputs
 from fusion.build_data import build_dataset
-from fusion.encoding import decode_ops, encode_ops, flip_ops, op_maps
+from fusion.encoding import decode_ops, encode_ops, flip_ops, op_maps, state_channels
 from fusion.env import FusionEnv
 from fusion.metrics import FrequencyPrior, ValidationMetrics, pattern_table, proposal_scores
 from fusion.model import FusionOutput
@@ -210,3 +210,42 @@ def test_metrics_against_a_naive_loop_on_stored_states(data):
         assert (m["improving_top1"], m["improving_top5"]) == (pytest.approx(top1), pytest.approx(top5))
         assert m["gain_top1"] == pytest.approx(gain)
         assert 0 < m["improving_top5"]
+
+
+def voronoi_batch(pad_to=None):
+    """Six 11x14 voronoi worlds (their zone boundaries reach every edge), zero padded to ``pad_to`` if given."""
+    states, codes = [], []
+    for seed in range(6):
+        env = FusionEnv.create(14, 11, "voronoi", rng=np.random.default_rng(seed), num_zones=5)
+        pool = env.candidates()
+        states.append(state_channels(env.zones, env.H, env.V))
+        codes.append(encode_ops(pool.variant, pool.y, pool.x, pool.delta, 11, 14))
+    state, ops = torch.from_numpy(np.stack(states)), torch.from_numpy(np.stack(codes))
+    pad_mask = None
+    if pad_to is not None:
+        state = torch.nn.functional.pad(state, (0, pad_to - 14, 0, pad_to - 11))
+        ops = torch.nn.functional.pad(ops, (0, pad_to - 14, 0, pad_to - 11))
+        pad_mask = torch.ones(6, pad_to, pad_to, dtype=torch.bool)
+        pad_mask[:, :11, :14] = False
+    return Batch(state, torch.zeros(6, 3, dtype=torch.long), ops, torch.zeros(6, 32, 5),
+                 torch.zeros(6, dtype=torch.long), torch.full((6,), 10), torch.full((6,), 2),
+                 torch.zeros(6, dtype=torch.bool), pad_mask)
+
+
+def test_metrics_of_a_padded_batch_equal_those_at_natural_resolution():
+    """Padding (the seed's 128 canvas layout) changes nothing: no op is proposed in or into the padding."""
+    natural, padded = voronoi_batch(), voronoi_batch(pad_to=24)
+    b, h, w = 6, 11, 14
+    torch.manual_seed(1)
+    out = FusionOutput(torch.randn(b, 2, h, w) * 3, torch.randn(b, len(OPS), h, w) * 3)
+    out.position[:, :, h - 2:] += 10  # favour the last rows and columns, where windows would reach the padding
+    out.position[:, :, :, w - 2:] += 10
+    big = FusionOutput(torch.nn.functional.pad(out.position, (0, 24 - w, 0, 24 - h), value=50.0),
+                       torch.nn.functional.pad(out.action, (0, 24 - w, 0, 24 - h), value=50.0))
+    small_inputs, big_inputs = model_inputs(natural), model_inputs(padded)
+    assert (~small_inputs.mask[:, :, w - 2:]).any() and (~small_inputs.mask[:, h - 2:]).any()
+    a, p = metrics_of(out, natural, small_inputs), metrics_of(big, padded, big_inputs)
+    for key in ("improving_top1", "improving_top5", "gain_top1", "ceiling_top1", "baseline_uniform_improving_top1"):
+        assert a[key] == pytest.approx(p[key]), key
+    inside = proposal_scores(big, big_inputs.mask, padded.pad_mask).view(b, len(OPS), 24, 24)[..., :h, :w]
+    torch.testing.assert_close(inside.reshape(b, -1), proposal_scores(out, small_inputs.mask))
