@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ..data._safetensors import fsync_dir
 from .manifest import MANIFEST, CheckpointError, read_file, read_manifest, read_record, write_file, write_manifest
 from .rng import capture_rng_state, restore_rng_state
-from .serialize import pack, unpack
+from .serialize import pack, pack_parts, unpack
 from .sharded_checkpoint import load_sharded, save_sharded
 from .stateful import capture_object, object_kind, restore_object
 
@@ -197,7 +197,7 @@ class CheckpointManager:
         try:
             files: dict[str, dict] = {}
 
-            def emit(name: str, data: bytes) -> None:
+            def emit(name: str, data: tuple[bytes, memoryview]) -> None:
                 files[name] = write_file(tmp / name, data)
 
             entries, plain = {}, {}
@@ -207,11 +207,11 @@ class CheckpointManager:
                     plain[name] = obj
                     continue
                 kind, payload, header = capture_object(obj)
-                emit(f"{name}.safetensors", pack(payload, kind=kind, **header))
+                emit(f"{name}.safetensors", pack_parts(payload, kind=kind, **header))
                 entries[name] = kind
-            emit("_values.safetensors", pack(plain))
+            emit("_values.safetensors", pack_parts(plain))
             if rng_states is not None:
-                emit("_rng.safetensors", pack(rng_states))
+                emit("_rng.safetensors", pack_parts(rng_states))
             write_manifest(tmp, {"step": position, "metric": metric, "mode": mode, "entries": entries,
                                  "values": list(plain), "rng_ranks": len(rng_states or []),
                                  "torch": torch.__version__, "files": files})
@@ -321,16 +321,26 @@ class CheckpointManager:
         body = read_manifest(path)
         if body.get("layout") == "sharded":
             return load_sharded(self, path, body, state)
-        body = self.verify(path)
         wanted = {n: o for n, o in state.items() if object_kind(o) is not None}
         missing = sorted(set(wanted) - set(body["entries"]))
         if missing:
             raise ValueError(f"state: checkpoint {path} has no entries {missing}; it holds {sorted(body['entries'])}")
-        decoded = {n: read_record(path, body, f"{n}.safetensors") for n in wanted}
-        values, _ = read_record(path, body, "_values.safetensors")
-        rng_states = None
-        if self.rng and "_rng.safetensors" in body["files"]:
-            rng_states, _ = read_record(path, body, "_rng.safetensors")
+        # Every file is read and checked once (the ones nothing here needs too), all before any
+        # object is touched; the needed ones are decoded from the bytes just verified.
+        needed = {f"{n}.safetensors" for n in wanted} | {"_values.safetensors"}
+        if self.rng:
+            needed.add("_rng.safetensors")
+        records = {}
+        for name in body["files"]:
+            if name in needed:
+                records[name] = read_record(path, body, name)
+            else:
+                read_file(path, body, name)
+        for name in sorted(needed - records.keys() - {"_rng.safetensors"}):
+            raise CheckpointError(f"{name} is not listed in {MANIFEST}")
+        decoded = {n: records[f"{n}.safetensors"] for n in wanted}
+        values, _ = records["_values.safetensors"]
+        rng_states = records["_rng.safetensors"][0] if "_rng.safetensors" in records else None
         for name, obj in wanted.items():
             restore_object(obj, *decoded[name])
         if rng_states is not None:  # last, so nothing above can consume the restored streams

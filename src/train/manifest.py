@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .serialize import dumps_json, unpack
+from .serialize import dumps_json, unpack, unpack_file
 
-__all__ = ["CheckpointError", "read_file", "read_manifest", "read_record", "write_file", "write_manifest"]
+__all__ = ["CheckpointError", "decode_record", "read_file", "read_manifest", "read_record", "write_file",
+           "write_manifest"]
 
 MANIFEST = "manifest.json"
 _FORMAT, _VERSION = "blockyard.checkpoint", 1
@@ -28,13 +30,22 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_file(path: Path, data: bytes) -> dict[str, Any]:
-    """Create ``path`` (never overwrite), write, flush and fsync; return its manifest entry."""
+def write_file(path: Path, data: bytes | Sequence[bytes | memoryview]) -> dict[str, Any]:
+    """Create ``path`` (never overwrite), write, flush and fsync; return its manifest entry.
+
+    ``data`` is the content, or its parts in order (written and hashed one after the other, so a
+    large payload is never joined into one more copy).
+    """
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    digest, size = hashlib.sha256(), 0
     with open(path, "xb") as f:
-        f.write(data)
+        for part in parts:
+            f.write(part)
+            digest.update(part)
+            size += memoryview(part).nbytes
         f.flush()
         os.fsync(f.fileno())
-    return {"bytes": len(data), "sha256": sha256(data)}
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def write_manifest(directory: Path, body: dict[str, Any]) -> None:
@@ -86,8 +97,41 @@ def read_file(directory: Path, body: dict[str, Any], name: str) -> bytes:
 
 
 def read_record(directory: Path, body: dict[str, Any], name: str) -> tuple[Any, dict[str, Any]]:
-    """Read, verify and decode a record written with :func:`blockyard.train.serialize.pack`."""
-    data = read_file(directory, body, name)
+    """Read, verify and decode a record written with :func:`blockyard.train.serialize.pack`.
+
+    Each tensor is read straight into a fresh tensor while the file is hashed (one pass, no
+    intermediate copy of the file); nothing is returned unless size and sha256 match.
+
+    Raises:
+        CheckpointError: naming the file when it is unlisted, unreadable, truncated, altered or
+            cannot be decoded.
+    """
+    meta = body["files"].get(name)
+    if meta is None:
+        raise CheckpointError(f"{name} is not listed in {MANIFEST}")
+    digest = hashlib.sha256()
+    try:
+        with open(directory / name, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != meta["bytes"]:
+                raise CheckpointError(f"{name} has {size} bytes, expected {meta['bytes']} (truncated?)")
+            try:
+                record, error = unpack_file(f, size, digest.update), None
+            except (ValueError, KeyError, TypeError) as err:
+                record, error = None, err
+    except OSError as err:
+        raise CheckpointError(f"{name} cannot be read: {err}") from None
+    if digest.hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"{name} fails its sha256 checksum")
+    if error is not None:
+        raise CheckpointError(f"{name} cannot be decoded: {error}") from None
+    if record is None:  # a layout the streaming reader leaves to unpack
+        return decode_record(name, read_file(directory, body, name))
+    return record
+
+
+def decode_record(name: str, data: bytes) -> tuple[Any, dict[str, Any]]:
+    """Decode the verified content of record ``name`` (see :func:`read_record`)."""
     try:
         return unpack(data)
     except (ValueError, KeyError, TypeError) as err:

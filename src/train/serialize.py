@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import safetensors.torch
 import torch
 
-__all__ = ["decode_state", "dumps_json", "encode_state", "pack", "unpack"]
+__all__ = ["decode_state", "dumps_json", "encode_state", "pack", "pack_parts", "unpack", "unpack_file"]
 
 _META_KEY = "blockyard.tree"
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL"}  # safetensors' dtype codes for the dtypes pack_parts lays out itself
 
 # A dict whose only key is one of these is a tagged value; a user dict of that shape is
 # stored in the explicit "__dict__" form so it can never be mistaken for one.
@@ -173,16 +176,108 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def pack(obj: Any, **header: Any) -> bytes:
     """Encode ``obj`` as one safetensors blob: its tensors, plus the JSON tree (and ``header``)
     in the file's string metadata. Loadable by any safetensors reader; no pickle involved."""
+    return b"".join(pack_parts(obj, **header))
+
+
+def pack_parts(obj: Any, **header: Any) -> list[bytes | memoryview]:
+    """:func:`pack`'s blob in parts, in order: ``length + header``, then each tensor's bytes as a
+    view of the tensor itself (nothing copied into one more buffer; write and hash them in turn)."""
     tree, tensors = encode_state(obj)
-    raw = safetensors.torch.save(tensors)
-    n = int.from_bytes(raw[:8], "little")
-    # The metadata is inserted here rather than by safetensors, which writes its keys in hash
-    # order: the same state must give the same bytes (and sha256) in every process.
-    layout = {"__metadata__": {"format": "pt", _META_KEY: dumps_json({"tree": tree, **header}).decode()},
-              **json.loads(raw[8:8 + n])}
+    meta = {"format": "pt", _META_KEY: dumps_json({"tree": tree, **header}).decode()}
+    if any(t.dtype not in _CODES for t in tensors.values()):  # dtypes we do not lay out ourselves
+        raw = safetensors.torch.save(tensors)
+        n = int.from_bytes(raw[:8], "little")
+        # The metadata is inserted here rather than by safetensors, which writes its keys in hash
+        # order: the same state must give the same bytes (and sha256) in every process.
+        return [_head({"__metadata__": meta, **json.loads(raw[8:8 + n])}), memoryview(raw)[8 + n:]]
+    # safetensors' own layout: widest dtype first, then by name, so every tensor stays aligned
+    layout: dict[str, Any] = {"__metadata__": meta}
+    parts: list[bytes | memoryview] = []
+    offset = 0
+    for name in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+        t = tensors[name]  # contiguous, on the CPU, owning its storage (encode_state)
+        nbytes = t.numel() * t.element_size()
+        layout[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        if nbytes:
+            parts.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return [_head(layout), *parts]
+
+
+def _head(layout: dict[str, Any]) -> bytes:
     head = dumps_json(layout)
     head += b" " * (-len(head) % 8)  # safetensors aligns the data section to 8 bytes
-    return b"".join((len(head).to_bytes(8, "little"), head, memoryview(raw)[8 + n:]))
+    return len(head).to_bytes(8, "little") + head
+
+
+def unpack_file(f: BinaryIO, size: int, update: Callable[[Any], None]) -> tuple[Any, dict[str, Any]] | None:
+    """:func:`unpack` of the ``size``-byte blob in file ``f``, reading each tensor straight into
+    its own fresh tensor (no intermediate buffer) and passing every byte read, in order, to
+    ``update`` (e.g. a hash's). Returns None, with every byte consumed, when the blob uses a layout
+    this reader does not handle (read it whole and call :func:`unpack`).
+
+    Raises:
+        ValueError: when the blob is malformed (the rest of the file is consumed first, so a
+            checksum over ``update`` can tell corruption from a bad writer).
+    """
+    done = 0
+
+    def read(n: int) -> bytes:
+        nonlocal done
+        chunk = f.read(n)
+        update(chunk)
+        done += len(chunk)
+        return chunk
+
+    def drain() -> None:
+        while done < size and read(min(1 << 24, size - done)):
+            pass
+
+    try:
+        if size < 8:
+            raise ValueError(f"not a safetensors blob ({size} bytes)")
+        n = int.from_bytes(read(8), "little")
+        if n > size - 8:
+            raise ValueError("safetensors header runs past the end of the data")
+        layout = json.loads(read(n))
+        meta = layout.pop("__metadata__", None) or {}
+        if _META_KEY not in meta:
+            raise ValueError(f"safetensors blob has no {_META_KEY!r} metadata")
+        header = json.loads(meta[_META_KEY])
+        dtypes = {code: dtype for dtype, code in _CODES.items()}
+        entries, offset = [], 0
+        for name, info in sorted(layout.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = dtypes.get(info["dtype"])
+            begin, end = info["data_offsets"]
+            shape = tuple(int(v) for v in info["shape"])
+            if dtype is None:
+                drain()
+                return None
+            if begin != offset or end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
+                raise ValueError(f"safetensors entry {name!r}: offsets {begin}..{end} do not follow on at "
+                                 f"{offset} or do not fit shape {shape} in {size} bytes")
+            entries.append((name, dtype, shape))
+            offset = end
+        if 8 + n + offset != size:
+            raise ValueError(f"safetensors blob: {size - 8 - n} data bytes, the header accounts for {offset}")
+        tensors = {}
+        for name, dtype, shape in entries:
+            t = torch.empty(shape, dtype=dtype)
+            if t.numel():
+                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                got = f.readinto(view)
+                while got < len(view):  # readinto may return short counts
+                    more = f.readinto(view[got:])
+                    if not more:
+                        raise ValueError(f"safetensors entry {name!r}: file ends inside it")
+                    got += more
+                update(view)
+                done += got
+            tensors[name] = t
+    except (ValueError, KeyError, TypeError):
+        drain()
+        raise
+    return decode_state(header.pop("tree"), tensors), header
 
 
 def unpack(data: bytes) -> tuple[Any, dict[str, Any]]:

@@ -20,7 +20,7 @@ from torch import nn
 from blockyard.train.checkpoint import CheckpointManager, CorruptCheckpointWarning
 from blockyard.train.early_stopping import EarlyStopping
 from blockyard.train.ema import EMA
-from blockyard.train.serialize import decode_state, encode_state, pack, unpack
+from blockyard.train.serialize import decode_state, encode_state, pack, pack_parts, unpack, unpack_file
 
 HERE = Path(__file__).parent
 
@@ -140,6 +140,44 @@ def test_encoding_keeps_sharing_bf16_scalars_and_views():
     assert back["state"][0]["step"].shape == () and back["state"][0]["a"].dtype == torch.bfloat16
     assert tensors["state.1.view"].numel() == 8  # a view is stored alone, not with its base buffer
     assert_same(decode_state(tree, tensors), obj)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_pack_parts_is_a_safetensors_file_and_the_streaming_reader_reads_it_back(fallback):
+    # pack_parts lays out the tensors itself (views of them, no joined copy); unpack_file reads
+    # each one straight into a fresh tensor while passing every byte to the hash
+    import hashlib
+    import io
+
+    obj = {"w": torch.randn(5, 3), "d": torch.randn(2, dtype=torch.float64), "h": torch.randn(4).bfloat16(),
+           "i": torch.arange(7, dtype=torch.int16), "b": torch.tensor([True, False, True]),
+           "u": torch.tensor([3], dtype=torch.uint8), "empty": torch.zeros(0, 2), "scalar": torch.tensor(2.5),
+           "np": np.arange(3, dtype=np.int32), "n": 4}
+    if fallback:  # a dtype pack_parts leaves to safetensors: the old layout and the whole-blob reader
+        obj["f8"] = torch.ones(3).to(torch.float8_e4m3fn)
+    blob = pack(obj)
+    assert b"".join(pack_parts(obj)) == blob
+    _, tensors = encode_state(obj)
+    stored = safetensors.torch.load(blob)  # an independent reader of the format
+    assert sorted(stored) == sorted(tensors)
+    for name, t in tensors.items():
+        assert stored[name].dtype == t.dtype and torch.equal(stored[name].float(), t.float()), name
+    seen = hashlib.sha256()
+    f = io.BytesIO(blob)
+    streamed = unpack_file(f, len(blob), seen.update)
+    assert seen.hexdigest() == hashlib.sha256(blob).hexdigest() and f.tell() == len(blob)
+    if fallback:
+        assert streamed is None
+        return
+    back, _ = streamed
+    assert_same(back, obj)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in back.values()
+               if isinstance(t, torch.Tensor))  # each tensor owns its storage (no views of a shared buffer)
+    with pytest.raises(ValueError, match=r"do not follow on|do not fit"):  # header and data disagree
+        bad = bytearray(blob)
+        n = int.from_bytes(bad[:8], "little")
+        bad[8:8 + n] = bad[8:8 + n].replace(b'"shape":[5,3]', b'"shape":[5,4]')
+        unpack_file(io.BytesIO(bytes(bad)), len(bad), lambda _: None)
 
 
 def test_rejects_values_that_would_need_pickle(tmp_path):
