@@ -12,9 +12,10 @@ activation mean / std per block versus depth at init and at the end.
 Each seed draws three objects: train, validation and test. The validation object gives the loss
 curve, the best validation loss and the failure rule's input; the test object only the reported
 test loss and SSIMs. The failure rule: a non-finite loss, a collapsed output (stitched amplitude
-std / mean < 1e-3) or a final validation loss above 3x the best; a run's time to failure is the
-first epoch's step at which the rule fires on the run so far. The positive control (hybrid_lr100:
-no clipping, 100x the learning rate) shows that the rule can fire. Phase is scored twice: stitched as
+std / mean < 1e-3), a final validation loss above 3x the best, or one no lower than before the first
+step (stalled: added when the positive control froze without collapsing); a run's time to failure
+is the first epoch's step at which the rule fires on the run so far. The positive control
+(hybrid_lr100: no clipping, 100x the learning rate) shows that the rule can fire. Phase is scored twice: stitched as
 predicted, and with each patch's unobservable constant phase removed first (examples/fno/phase.py).
 
 --schedule cosine (default) warms up and decays the lr every optimizer step; --schedule constant is
@@ -244,8 +245,9 @@ def run_one(job: Job, args, out: Path, device, steps_before=0, info: DistInfo | 
     nonfinite_step = int(bad.nonzero()[0, 0]) + 1 if bad is not None and bad.any() else None
     vals = [c["val_loss"] for c in curve]
     best = min(vals) if vals else math.nan
-    failure = classify_failure(finite, best, vals[-1] if vals else math.nan, curve[-1]["amp_cv"] if curve else 0.0)
-    first = first_failure(curve, nonfinite_step) if failure else None  # time to failure, of failed runs only
+    failure = classify_failure(finite, best, vals[-1] if vals else math.nan, curve[-1]["amp_cv"] if curve else 0.0,
+                               init_val)
+    first = first_failure(curve, nonfinite_step, init_val) if failure else None  # time to failure, failed runs only
     tested = evaluate_on(test)  # the final model on the test object: reported, never used to select or judge
     metrics, images = score_reconstruction(tested, test) if finite else ({}, None)
     record = {

@@ -169,30 +169,43 @@ def reconstruction_metrics(amp: torch.Tensor, phase: torch.Tensor, obj: torch.Te
     return out
 
 
-def classify_failure(finite: bool, best_val: float, final_val: float, amp_cv: float) -> str | None:
-    """The pre-registered failure rule: non-finite, collapsed (amp std/mean < 1e-3), or final > 3x best."""
+def classify_failure(finite: bool, best_val: float, final_val: float, amp_cv: float,
+                     init_val: float | None = None) -> str | None:
+    """The failure rule, first match wins.
+
+    - ``non-finite``: a non-finite loss;
+    - ``collapsed``: a constant output amplitude (std / mean of the stitched validation amplitude < 1e-3);
+    - ``diverged``: a final validation loss above 3x the run's best;
+    - ``stalled`` (when ``init_val`` is given): a final validation loss no lower than before the first
+      step. The first three were pre-registered; the positive control (100x lr, no warmup) showed them
+      blind to a frozen output: sigmoids saturated into a fixed, non-constant pattern, zero gradients,
+      the loss stuck above its value at init. ``stalled`` was added for that and is reported by name.
+    """
     if not finite or not math.isfinite(final_val):
         return "non-finite"
     if amp_cv < 1e-3:
         return "collapsed"
     if final_val > 3 * best_val:
         return "diverged"
+    if init_val is not None and final_val >= init_val:
+        return "stalled"
     return None
 
 
-def first_failure(curve: Sequence[Mapping[str, float]], nonfinite_step: int | None = None
-                  ) -> tuple[int, str] | None:
+def first_failure(curve: Sequence[Mapping[str, float]], nonfinite_step: int | None = None,
+                  init_val: float | None = None) -> tuple[int, str] | None:
     """Time to failure: the step and kind of the first evaluation at which the failure rule fires on the run so far.
 
     ``curve`` holds one evaluation per epoch (``step``, ``train_loss``, ``val_loss``, ``amp_cv`` of
-    the validation reconstruction); at evaluation ``k`` the rule sees ``best = min(val[:k+1])`` and
-    ``final = val[k]``. A non-finite loss is dated more finely, by ``nonfinite_step``: the first
-    optimizer step whose loss or gradient norm was not finite. None if the rule never fires.
+    the validation reconstruction); at evaluation ``k`` the rule sees ``best = min(val[:k+1])``,
+    ``final = val[k]`` and ``init_val`` (the validation loss before the first step). A non-finite
+    loss is dated more finely, by ``nonfinite_step``: the first optimizer step whose loss or
+    gradient norm was not finite. None if the rule never fires.
     """
     for k, c in enumerate(curve):
         vals = [e["val_loss"] for e in curve[:k + 1]]
         finite = all(math.isfinite(e["train_loss"]) and math.isfinite(e["val_loss"]) for e in curve[:k + 1])
-        kind = classify_failure(finite, min(vals), vals[-1], c["amp_cv"])
+        kind = classify_failure(finite, min(vals), vals[-1], c["amp_cv"], init_val)
         if kind is not None:
             step = c["step"]
             if kind == "non-finite" and nonfinite_step is not None:

@@ -21,7 +21,8 @@ def summarize(records, arm_names):
         runs = [r for r in records if r["arm"] == arm]
         failed = [r["failure"] is not None for r in runs]
         row = {"n": len(runs), "failures": sum(failed), "failure_kinds": [r["failure"] for r in runs if r["failure"]],
-               "failure_steps": sorted(r["failure_step"] for r in runs if r["failure"])}
+               "failure_steps": sorted(r["failure_step"] for r in runs if r["failure"]),
+               "failures_at": sorted([r["failure_step"], r["failure"]] for r in runs if r["failure"])}
         for key in ("best_val", "final_val", "test_loss", "amp_ssim", "phase_ssim", "phase_ssim_patch", "amp_mae",
                     "phase_mae", "phase_mae_patch"):
             row[key] = sweep_summary([r.get(key) for r in runs], failed)._asdict()
@@ -43,23 +44,24 @@ def _cell(s):
 
 
 def _steps(r):
-    return ",".join(map(str, r.get("failure_steps", []))) or "-"
+    """Each failed run's step of first failure and its kind (the end-of-run rule's), e.g. ``19 stalled``."""
+    return ", ".join(f"{step} {kind}" for step, kind in r.get("failures_at", [])) or "-"
 
 
 def print_table(rows, file=sys.stdout, activations=True):
     """Failures / n, the failed runs' steps of failure, and median [IQR] over the successful runs: best and
     final validation loss, test loss, amplitude SSIM, phase SSIM stitched as predicted and per-patch aligned."""
     width = max([22, *map(len, rows)])
-    head = (f"{'arm':<{width}} {'fail':>5}  {'failed at step':<14} {'best val':<26} {'final val':<26} "
-            f"{'test loss':<26} {'amp SSIM':<26} {'phase SSIM':<26} {'phase SSIM per patch':<26} grad med/p99/max")
+    head = (f"{'arm':<{width}} {'fail':>5}  {'best val':<26} {'final val':<26} {'test loss':<26} {'amp SSIM':<26} "
+            f"{'phase SSIM':<26} {'phase SSIM per patch':<26} {'grad med/p99/max':<22} failed at step (kind)")
     print(head, file=file)
     print("-" * len(head), file=file)
     for arm, r in rows.items():
         g = r["grad_norm"]
-        print(f"{arm:<{width}} {r['failures']}/{r['n']:<3}  {_steps(r):<14} {_cell(r['best_val']):<26} "
-              f"{_cell(r['final_val']):<26} {_cell(r['test_loss']):<26} {_cell(r['amp_ssim']):<26} "
-              f"{_cell(r['phase_ssim']):<26} {_cell(r['phase_ssim_patch']):<26} "
-              f"{g['median']:.3g}/{g['p99']:.3g}/{g['max']:.3g}", file=file)
+        grad = f"{g['median']:.3g}/{g['p99']:.3g}/{g['max']:.3g}"
+        print(f"{arm:<{width}} {r['failures']}/{r['n']:<3}  {_cell(r['best_val']):<26} {_cell(r['final_val']):<26} "
+              f"{_cell(r['test_loss']):<26} {_cell(r['amp_ssim']):<26} {_cell(r['phase_ssim']):<26} "
+              f"{_cell(r['phase_ssim_patch']):<26} {grad:<22} {_steps(r)}", file=file)
     if not activations:
         return
     for stat in ("mean", "std"):
@@ -76,13 +78,13 @@ def print_clip_sweep(rows, sweep, file=sys.stdout):
     print("\nclip sweep of the control (hybrid + global norm clip):", file=file)
     lines = {**({"none (hybrid)": "hybrid"} if "hybrid" in rows else {}),
              **{f"{v:g} ({arm})": arm for v, arm in sorted(sweep.items())}}
-    print(f"  {'clip':<24} {'fail':>5}  {'failed at step':<14} {'best val':<26} {'test loss':<26} {'amp SSIM':<26} "
-          "grad med/p99/max", file=file)
+    print(f"  {'clip':<24} {'fail':>5}  {'best val':<26} {'test loss':<26} {'amp SSIM':<26} {'grad med/p99/max':<22} "
+          "failed at step (kind)", file=file)
     for label, arm in lines.items():
         r, g = rows[arm], rows[arm]["grad_norm"]
-        print(f"  {label:<24} {r['failures']}/{r['n']:<3}  {_steps(r):<14} {_cell(r['best_val']):<26} "
-              f"{_cell(r['test_loss']):<26} {_cell(r['amp_ssim']):<26} "
-              f"{g['median']:.3g}/{g['p99']:.3g}/{g['max']:.3g}", file=file)
+        grad = f"{g['median']:.3g}/{g['p99']:.3g}/{g['max']:.3g}"
+        print(f"  {label:<24} {r['failures']}/{r['n']:<3}  {_cell(r['best_val']):<26} {_cell(r['test_loss']):<26} "
+              f"{_cell(r['amp_ssim']):<26} {grad:<22} {_steps(r)}", file=file)
 
 
 def plot(records, rows, run):

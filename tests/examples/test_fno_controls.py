@@ -136,6 +136,10 @@ def test_time_to_failure_is_the_first_evaluation_at_which_the_rule_fires_on_the_
     # a non-finite loss is dated by the optimizer step, when known
     nan = curve([0.5, 0.4, math.nan], train=[1.0, 1.0, math.nan])
     assert first_failure(nan) == (30, "non-finite") and first_failure(nan, nonfinite_step=23) == (23, "non-finite")
+    # stalled: ending no lower than before the first step (a frozen output), dated at the first such evaluation
+    assert first_failure(curve([0.8, 0.7, 0.9]), init_val=1.0) is None
+    assert first_failure(curve([0.8, 1.0, 0.9, 1.2]), init_val=1.0) == (20, "stalled")
+    assert first_failure(curve([0.8, 1.0, 0.9, 1.2])) is None  # without init_val the rule has no such kind
     # consistent with the end-of-run rule: a run it fails has a first failure at or before its last evaluation
     c = curve([0.5, 0.1, 2.0])
     assert classify_failure(True, 0.1, 2.0, 0.5) == "diverged" and first_failure(c)[0] <= c[-1]["step"]
@@ -166,13 +170,17 @@ def test_the_positive_control_fires_the_failure_rule(positive_control):
         assert r["failure"] is not None, (r["seed"], r["curve"])
         # its time to failure: an evaluation step within the run, the one first_failure finds on its curve
         steps = [c["step"] for c in r["curve"]]
-        assert r["failure_step"] in steps and (r["failure_step"], r["first_failure"]) == first_failure(r["curve"])
+        first = first_failure(r["curve"], init_val=r["init_val"])
+        assert r["failure_step"] in steps and (r["failure_step"], r["first_failure"]) == first
     row = summarize(positive_control, ["hybrid_lr100"])["hybrid_lr100"]
     assert row["failures"] == 3 and row["failure_steps"] == sorted(r["failure_step"] for r in positive_control)
     assert math.isnan(row["best_val"]["median"])  # medians only over successful runs: none
     text = io.StringIO()
     print_table({"hybrid_lr100": row}, file=text)
-    assert f"3/3    {','.join(map(str, row['failure_steps']))}" in text.getvalue()
+    line = text.getvalue().splitlines()[2]
+    assert line.startswith("hybrid_lr100") and "3/3" in line
+    assert line.endswith(", ".join(f"{r['failure_step']} {r['failure']}" for r in
+                                   sorted(positive_control, key=lambda r: (r["failure_step"], r["failure"]))))
 
 
 # --- the clip sweep, the constant-lr regime, the seed-scale preset --------------------------------------

@@ -90,6 +90,9 @@ def test_failure_rule():
     assert classify_failure(True, 0.1, 0.1, 1e-4) == "collapsed"
     assert classify_failure(True, 0.1, 0.31, 0.5) == "diverged"
     assert classify_failure(True, 0.1, 0.29, 0.5) is None
+    assert classify_failure(True, 0.1, 0.29, 0.5, init_val=0.29) == "stalled"  # no lower than before training
+    assert classify_failure(True, 0.1, 0.29, 0.5, init_val=0.30) is None
+    assert classify_failure(True, 0.1, 0.31, 0.5, init_val=0.30) == "diverged"  # the earlier kinds come first
 
 
 def test_stage_b_depths_follow_the_plan_and_report_what_the_patch_cannot_hold():
