@@ -32,6 +32,41 @@ def test_ssim_matches_naive_windowed_formula():
     torch.testing.assert_close(got, torch.tensor(naive_ssim(x[0, 0], y[0, 0])), atol=1e-5, rtol=1e-5)
 
 
+def full_window_ssim(x, y, size, sigma, data_range, k1=0.01, k2=0.03):
+    """Per-sample SSIM with the 2-D Gaussian window as one k x k convolution, in float64."""
+    x, y = x.double(), y.double()
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, size, size)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, kernel, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return smap.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize(("size", "sigma"), [(7, 1.5), (11, 1.5), (5, 0.8)])
+def test_ssim_separable_window_matches_the_full_2d_window_per_sample_with_gradients(size, sigma):
+    # three samples, two channels of different contrast, a non-square image
+    x = torch.rand(3, 2, 13, 17, dtype=torch.float64) * torch.tensor([1.0, 0.3], dtype=torch.float64).view(1, 2, 1, 1)
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    x32 = x.float().requires_grad_()
+    got = ssim(x32, y.float(), data_range=1.0, window_size=size, sigma=sigma, reduction="none")
+    xr = x.clone().requires_grad_()
+    want = full_window_ssim(xr, y, size, sigma, 1.0)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (g_got,) = torch.autograd.grad(got.sum(), x32)
+    (g_want,) = torch.autograd.grad(want.sum(), xr)
+    torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-6)
+
+
 def test_ssim_identity_and_ordering():
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(ssim(x, x), torch.tensor(1.0))
