@@ -302,6 +302,8 @@ class DDPMScheduler(nn.Module):
         dtype = torch.float32 if dtype is None else dtype
         with torch.set_grad_enabled(enable_grad):
             x = _randn(shape, generator, device, dtype)
+            if steps is None and torch.promote_types(dtype, torch.float32) == dtype:
+                return self._ddpm_chain(model, x, generator, cond)
             for i, t in enumerate(timesteps):
                 eps = model(x, torch.full((shape[0],), t, device=x.device, dtype=torch.long), **cond)
                 if steps is None:
@@ -310,6 +312,37 @@ class DDPMScheduler(nn.Module):
                     t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                     x = self.ddim_step(eps, t, t_prev, x, eta, generator,
                                        use_clipped_model_output=use_clipped_model_output).prev_sample
+        return x
+
+    def _ddpm_chain(self, model: Callable[..., torch.Tensor], x: torch.Tensor, generator: torch.Generator | None,
+                    cond: dict) -> torch.Tensor:
+        """:meth:`step` from ``T - 1`` down to 0 with every coefficient computed once for the chain.
+
+        Bit for bit :meth:`step`'s arithmetic (the same float32, or float64, expressions, here over
+        all ``t`` at once, then applied as scalars), without its per-step indexing, gathers and
+        checks: those small ops cost more than the step's own arithmetic on small samples.
+        """
+        work = x.dtype
+        ac_t = self.alphas_cumprod.to(device=x.device, dtype=work)
+        ac_prev = torch.cat([torch.ones(1, dtype=work, device=x.device), ac_t[:-1]])
+        cur_alpha = ac_t / ac_prev
+        cur_beta = 1 - cur_alpha
+        table = torch.stack([(1 - ac_t) ** 0.5, ac_t**0.5,
+                             ac_prev**0.5 * cur_beta / (1 - ac_t),
+                             cur_alpha**0.5 * (1 - ac_prev) / (1 - ac_t),
+                             ((1 - ac_prev) / (1 - ac_t) * cur_beta).clamp(min=1e-20) ** 0.5], dim=1).tolist()
+        bound = self.clip_sample_range
+        for t in range(self.num_steps - 1, -1, -1):
+            eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **cond)
+            self._check_pair(eps, "eps", x, "x_t")
+            sqrt_one_minus, sqrt_ac, c_x0, c_xt, std = table[t]
+            x0 = (x - sqrt_one_minus * eps.to(work)) / sqrt_ac
+            if self.clip_sample:
+                x0 = x0.clamp(-bound, bound)
+            prev = c_x0 * x0 + c_xt * x
+            if t > 0:
+                prev = prev + std * _randn(eps.shape, generator, eps.device, eps.dtype).to(work)
+            x = prev
         return x
 
     def forward(self, *args: object, **kwargs: object) -> NoReturn:

@@ -269,6 +269,25 @@ def test_sample_generator_reproducible():
     assert not a.requires_grad
 
 
+@pytest.mark.parametrize(("dtype", "clip", "schedule"), [(torch.float32, True, "linear"),
+                                                        (torch.float32, False, "squaredcos_cap_v2"),
+                                                        (torch.float64, True, "linear")])
+def test_ancestral_sample_is_bitwise_the_loop_of_steps(dtype, clip, schedule):
+    # sample() precomputes the chain's coefficients; it must be step() applied T times, bit for bit
+    s = DDPMScheduler(num_steps=60, clip_sample=clip, schedule=schedule)
+
+    def model(x, t):  # depends on x and t, large enough that the clip is active at times
+        return 3.0 * torch.tanh(x) * (1 + t[:, None, None, None].to(x.dtype) / 60)
+
+    got = s.sample(model, (3, 2, 4, 5), generator=gen(7), dtype=dtype)
+    g = gen(7)
+    x = torch.randn(3, 2, 4, 5, generator=g, dtype=dtype)
+    for t in range(59, -1, -1):
+        x = s.step(model(x, torch.full((3,), t)), t, x, generator=g).prev_sample
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+
+
 def test_buffers_stay_float32_and_out_of_state_dict():
     s = DDPMScheduler().to(torch.float16)
     assert s.betas.dtype == s.alphas_cumprod.dtype == torch.float32
