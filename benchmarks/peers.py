@@ -3,7 +3,7 @@
 Peers (timm, neuraloperator, PyTorch Geometric, MONAI, diffusers) never become blockyard
 dependencies: they live in a separate virtualenv that sees the system torch. One command sets it up
 (``--no-deps`` where a peer pins torch, so pip never replaces the installed torch with another
-multi-GB build; the script checks that the venv's torch is the system one)::
+multi-GB build; the script stops if the venv holds a torch of its own)::
 
     python -m venv --system-site-packages /tmp/peers && /tmp/peers/bin/pip install diffusers torch_geometric \\
       && /tmp/peers/bin/pip install --no-deps timm torchvision==0.28.0 monai neuraloperator tensorly \\
@@ -77,6 +77,10 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if sys.prefix != sys.base_prefix and os.path.abspath(torch.__file__).startswith(os.path.abspath(sys.prefix)):
+        raise SystemExit(f"torch {torch.__version__} was installed into this virtualenv ({torch.__file__}), "
+                         "not taken from the system: a peer pulled in its own torch; recreate the venv with "
+                         "the --no-deps installs of the docstring")
     keys = [k for k in args.only.split(",") if k] or list(CASES)
     unknown = sorted(set(keys) - set(CASES))
     if unknown:
@@ -106,8 +110,8 @@ def main() -> None:
                 peer[i].append(t_peer)
 
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + backward unless "
-          f"the row says otherwise; {args.rounds} interleaved rounds (medians); load average "
+    print(f"torch {torch.__version__} (the system's), {torch.get_num_threads()} threads, float32, forward + backward "
+          f"unless the row says otherwise; {args.rounds} interleaved rounds (medians); load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
     print("wall: medians of perf_counter; paired: median of the per-round wall ratios; CPU: the same ratio of "
           "process CPU time (all threads; steadier than wall when other jobs share the machine)")
