@@ -79,10 +79,12 @@ class LayerNorm2d(nn.LayerNorm):
         compute = _stats_dtype(x.dtype)
         weight = None if self.weight is None else self.weight.to(compute)
         bias = None if self.bias is None else self.bias.to(compute)
-        # One explicit channels-last copy (a no-op for channels_last input). Handing layer_norm the
-        # permuted view instead costs a third transpose: it copies the view in the forward and
-        # again in the backward, from the view it saved.
-        xc = x.permute(0, 2, 3, 1).to(dtype=compute, memory_format=torch.contiguous_format)
+        # One explicit channels-last copy (none for channels_last input; for half precision the
+        # same pass casts). Handing layer_norm the permuted view instead costs a third transpose:
+        # it copies the view in the forward and again in the backward, from the view it saved.
+        # (Tensor.to returns self when only memory_format differs, hence .contiguous here.)
+        xc = (x.contiguous(memory_format=torch.channels_last) if x.dtype == compute
+              else x.to(dtype=compute, memory_format=torch.channels_last)).permute(0, 2, 3, 1)
         y = F.layer_norm(xc, (self.channels,), weight, bias, self.eps)
         return y.permute(0, 3, 1, 2).to(x.dtype)
 
