@@ -319,8 +319,8 @@ def proposal_prior(scores: Scores, *, temperature: float = 1.0) -> np.ndarray:
 
 def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.random.Generator,
            guide: str = "uniform", history: History | None = None, initial_crossings: int | None = None,
-           explore_prob: float = 0.15, model_temperature: float = 1.0, model_every: int = 50,
-           requery: str = "proposals", model_start: float = 0.0, target: int | None = None) -> SearchGen:
+           explore_prob: float = 0.5, model_temperature: float = 1.0, model_every: int = 100,
+           requery: str = "proposals", model_start: float = 0.5, target: int | None = None) -> SearchGen:
     r"""Simulated annealing with the teacher's schedule (``teacher.temperature``) and acceptance.
 
     Each iteration proposes one op from the applicable pool (``env.candidates()``, rebuilt after
@@ -344,7 +344,8 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
     scorings the last scores are reused on the current pool (one cumulative sum per pool, one
     binary search per proposal). With ``model_start`` (a fraction of ``iters``) the first
     ``model_start * iters`` proposals, the hot phase where annealing wanders, are uniform and the
-    model is first called after them. Improving accepted ops are pushed onto ``history``.
+    model is first called after them. Improving accepted ops are pushed onto ``history``. The
+    defaults are ``infer.AnnealGuide``'s, picked by measurement (see there).
     """
     if guide not in ("model", "uniform"):
         raise ValueError(f"guide: expected 'model' or 'uniform', got {guide!r}")
@@ -376,15 +377,14 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
             cdf, changed, calls = None, 0, calls + 1
         if pool.size == 0:
             continue
-        if i < first_guided:
+        if i < first_guided or (explore_prob > 0 and rng.random() < explore_prob):
             j = int(rng.integers(pool.size))
         else:
-            if cdf is None:
-                cdf = np.cumsum(prior[pool.variant, pool.y, pool.x], dtype=np.float64)
-            if cdf[-1] <= 0 or rng.random() < explore_prob:
-                j = int(rng.integers(pool.size))
-            else:
-                j = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), pool.size - 1)
+            if cdf is None:  # the pool's weights, only once a model proposal needs them
+                cdf = np.cumsum(prior.take(pool.variant * prior[0].size + pool.y * prior.shape[2] + pool.x),
+                                dtype=np.float64)
+            j = (int(rng.integers(pool.size)) if cdf[-1] <= 0
+                 else min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), pool.size - 1))
         op = pool.op(j)
         delta = int(pool.delta[j])  # the proposed op's own change, as env.evaluate(op) gives it
         if delta > 0:

@@ -47,7 +47,7 @@ def proposals(record, scores, n, **kwargs):
     env = FrozenEnv(start.zones, start.H, start.V)
     env.proposed = []
     [res] = drive([anneal(env, iters=n, t_max=1e12, t_min=1e12, guide="model", rng=np.random.default_rng(0),
-                          **kwargs)], lambda reqs: [scores] * len(reqs))
+                          model_start=0.0, **kwargs)], lambda reqs: [scores] * len(reqs))
     assert len(env.proposed) == n == len(res.ops) and res.final == start.crossings  # the state never changed
     return env.proposed
 
@@ -96,7 +96,7 @@ def test_rescoring_after_model_every_accepted_ops_or_proposals(record):
             return [Scores(rng.random((4, h, w)), rng.random((12, h, w))) for _ in reqs]
 
         [res] = drive([anneal(env, iters=400, t_max=3.0, t_min=0.05, rng=np.random.default_rng(1), guide="model",
-                              model_every=every, requery=requery)], score)
+                              model_every=every, requery=requery, model_start=0.0)], score)
         assert res.model_calls == len(applied_at_call) > 2 and applied_at_call[0] == 0
         steps = np.diff(applied_at_call)
         if requery == "accepted":
