@@ -268,6 +268,10 @@ def main(argv=None) -> None:
         print("\nstaged validation (seed's criteria, judged on this run):")
         for c in criteria:
             print(f"  stage {c['stage']} [{c['result']:>4}] {c['rule']}: {c['measured']}")
+        search_checks = infer.search_criteria(records, inference)
+        print("\nstaged validation restated (setting 2, from the initial paths; against the ceiling and the bound):")
+        for c in search_checks:
+            print(f"  stage {c['stage']} [{c['result']:>4}] {c['rule']}: {c['measured']}")
         plots = [plot_curves(records, run.file("curves.png"))]
         heat_batch = val_set.__getitems__(next(iter(BucketBatchSampler(val_set, 4, seed=args.seed)))).to(device)
         plots.append(plot_heatmaps(eval_net, heat_batch, run.file("heatmaps.png")))
@@ -276,7 +280,7 @@ def main(argv=None) -> None:
                    "val_samples": len(val_store), "final": last, "best_epoch": best_record["epoch"],
                    "best": best_record, "criteria": criteria, "inference": inference, "inference_table": table,
                    "train_time_s": train_time, "inference_time_s": inference_time,
-                   "plots": [str(p) for p in plots if p is not None]}
+                   "plots": [str(p) for p in plots if p is not None], "criteria_setting2": search_checks}
         print(f"\nwrote {run.write_json('summary.json', summary)} (train {train_time:.0f} s, inference "
               f"{inference_time:.0f} s)")
     run.finish()

@@ -159,6 +159,7 @@ def test_two_process_gloo_smoke_run(finished_run, smoke_data):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["per_rank_batch"] == 16
     assert [c["stage"] for c in summary["criteria"]] == [1, 2, 3, 4]
+    assert [c["stage"] for c in summary["criteria_setting2"]] == [3, 4, "goal"]  # restated on setting 2
     assert {"setting1", "setting2", "overall"} <= set(summary["inference"])
     assert "stage 1 [" in text and "Setting 1" in text
     saved = json.loads((out / "run.json").read_text())
