@@ -20,7 +20,9 @@ started from the initial paths, where hardly any single op lowers the crossings)
    time: the budget times the pattern's measured model/uniform time ratio (CPU seconds,
    ``search.drive``). Reported: mean best reduction, the share of the gap to the region bound
    closed (``bound.py``; for the teacher's own record too), per-grid wins and losses, fraction
-   reaching the teacher record's result, model calls per grid.
+   reaching the teacher record's result, model calls per grid; and, for reference, the same
+   annealer with the model's proposals replaced by the pool's improving ops (an oracle that reads
+   every delta: what a perfect improving-op proposer would reach).
 3. **The seed's inference protocol from the initial paths** (its own table, the seed's columns).
    ``search.greedy_search`` exactly as the seed ran it: history seeding (Change 10), the K x 8
    per-hypothesis candidates with 3 actions each (8), exploration with probability 0.15 (11) and
@@ -275,7 +277,9 @@ def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, gu
                     time_ratio: float | None = None) -> list[dict]:
     """Model-guided vs uniform annealing at equal proposals, and uniform at equal time: its budget is
     each record's times the pattern's measured model/uniform time ratio (or ``time_ratio``); time is
-    CPU seconds of this process (``search.drive``), the wall time of a dedicated core."""
+    CPU seconds of this process (``search.drive``), the wall time of a dedicated core. For reference
+    the oracle guide (``search.anneal(guide="oracle")``: improving ops drawn where the model's
+    proposals would be) at equal proposals."""
     schedules = [{**SCHEDULE, **{k: rec[k] for k in SCHEDULE if k in rec}} for rec in records]
 
     def runs(kind: str, key: int, budgets: list[int]):
@@ -293,13 +297,15 @@ def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, gu
         ratios = dict.fromkeys(ratios, float(time_ratio))
     timed_budgets = [max(1, round(b * ratios[rec["zone_pattern"]])) for rec, b in zip(records, budgets)]
     timed_runs = drive(runs("uniform", 7, timed_budgets), clock=timed_s)
+    oracle_runs = drive(runs("oracle", 8, budgets))
     return [{"pattern": rec["zone_pattern"], "initial": rec["initial_crossings"], "bound": record_bound(rec),
              "budget": m.iters, "teacher": rec["initial_crossings"] - rec["final_crossings"],
              "teacher_final": rec["final_crossings"], "time_ratio": ratios[rec["zone_pattern"]],
              "seconds": {"model": ms, "uniform": us, "uniform_time": ts},
-             "model": _anneal_summary(m), "uniform": _anneal_summary(u), "uniform_time": _anneal_summary(t)}
-            for rec, m, u, t, ms, us, ts in zip(records, model_runs, uniform_runs, timed_runs, model_s, uniform_s,
-                                                 timed_s, strict=True)]
+             "model": _anneal_summary(m), "uniform": _anneal_summary(u), "uniform_time": _anneal_summary(t),
+             "oracle": _anneal_summary(o)}
+            for rec, m, u, t, o, ms, us, ts in zip(records, model_runs, uniform_runs, timed_runs, oracle_runs, model_s,
+                                                    uniform_s, timed_s, strict=True)]
 
 
 def _seed_protocol_setting(records: list[dict], score, seed: int) -> list[dict]:

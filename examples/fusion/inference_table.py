@@ -60,7 +60,7 @@ def anneal_row(items: list[dict]) -> dict[str, Any]:
                            "time_ratio": _mean([it["time_ratio"] for it in items]),
                            "uniform_time_budget": _mean([it["uniform_time"]["iters"] for it in items]),
                            "model_calls": _mean([it["model"]["model_calls"] for it in items])}
-    for name in ("model", "uniform", "uniform_time"):
+    for name in ("model", "uniform", "uniform_time", "oracle"):
         runs = [it[name] for it in items]
         reductions = [r["initial"] - r["best"] for r in runs]
         row[f"{name}_mean_reduction"] = _mean(reductions)
@@ -68,6 +68,7 @@ def anneal_row(items: list[dict]) -> dict[str, Any]:
         row[f"{name}_improved_fraction"] = _mean([float(d > 0) for d in reductions])
         row[f"{name}_reached_teacher_fraction"] = _mean([float(r["reached_at"] is not None) for r in runs])
         row[f"{name}_ops_to_teacher"] = _mean([r["reached_at"] for r in runs if r["reached_at"] is not None])
+    for name in ("model", "uniform", "uniform_time"):
         row[f"{name}_seconds"] = _mean([it["seconds"][name] for it in items])
     # per grid, model-guided against uniform at equal proposals and at equal time
     for other in ("uniform", "uniform_time"):
@@ -149,7 +150,7 @@ def format_table(results: dict[str, Any]) -> str:
                 ("red uniform", "uniform_mean_reduction", "f2"), ("red teacher", "teacher_mean_reduction", "f2"),
                 ("gap model", "model_gap_closed", "pct"), ("gap uniform", "uniform_gap_closed", "pct"),
                 ("gap teacher", "teacher_gap_closed", "pct"), ("time x", "time_ratio", "f2"),
-                ("gap u.time", "uniform_time_gap_closed", "pct"),
+                ("gap u.time", "uniform_time_gap_closed", "pct"), ("gap oracle", "oracle_gap_closed", "pct"),
                 ("win u", "model_beats_uniform_fraction", "pct"), ("loss u", "model_loses_to_uniform_fraction", "pct"),
                 ("win u.t", "model_beats_uniform_time_fraction", "pct"),
                 ("loss u.t", "model_loses_to_uniform_time_fraction", "pct"),
@@ -172,7 +173,8 @@ def format_table(results: dict[str, Any]) -> str:
              "goes; gap = share of the gap from the start to the bound closed (sums over the grids); impr = share "
              "of grids improved; 1st = mean tries to the first improvement (improved grids only); tries = op "
              "checks per grid (both searches); time x = model-guided CPU time over uniform's at equal proposals, "
-             "the budget of u.time (uniform at equal time); win/loss u (u.t) = share of grids where the "
+             "the budget of u.time (uniform at equal time); oracle = the model's proposals replaced by the pool's "
+             "improving ops (reads every delta: a reference); win/loss u (u.t) = share of grids where the "
              "model-guided best is lower / higher than uniform's at equal proposals (equal time); reach = share "
              "reaching the teacher record's result; calls = model scorings per grid; >= teacher = share ending "
              "at or below the teacher's final count; seeded = ops kept by history seeding")

@@ -346,9 +346,13 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
     ``model_start * iters`` proposals, the hot phase where annealing wanders, are uniform and the
     model is first called after them. Improving accepted ops are pushed onto ``history``. The
     defaults are ``infer.AnnealGuide``'s, picked by measurement (see there).
+
+    ``guide="oracle"`` is a reference, not a search (it reads every pool op's change): the model's
+    proposals are replaced by a uniform draw among the pool's improving ops (uniform when there is
+    none), with the same mixing and start; the best any improving-op proposer could do.
     """
-    if guide not in ("model", "uniform"):
-        raise ValueError(f"guide: expected 'model' or 'uniform', got {guide!r}")
+    if guide not in ("model", "uniform", "oracle"):
+        raise ValueError(f"guide: expected 'model', 'uniform' or 'oracle', got {guide!r}")
     if iters < 1:
         raise ValueError(f"iters: expected >= 1, got {iters}")
     if not 0.0 <= explore_prob <= 1.0:
@@ -361,7 +365,7 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
         raise ValueError(f"requery: expected 'proposals' or 'accepted', got {requery!r}")
     if not 0.0 <= model_start <= 1.0:
         raise ValueError(f"model_start: expected a fraction of iters in [0, 1], got {model_start}")
-    first_guided = math.ceil(model_start * iters) if guide == "model" else iters
+    first_guided = iters if guide == "uniform" else math.ceil(model_start * iters)
     history = History() if history is None else history
     initial_crossings = env.crossings if initial_crossings is None else initial_crossings
     start = best = env.crossings
@@ -370,7 +374,7 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
     pool = env.candidates()
     prior, cdf, changed, calls = None, None, 0, 0  # changed: ops accepted since the last scoring
     for i in range(iters):
-        if i >= first_guided and (prior is None or (changed > 0 and (
+        if guide == "model" and i >= first_guided and (prior is None or (changed > 0 and (
                 i % model_every == 0 if requery == "proposals" else changed >= model_every))):
             scores = yield ScoreRequest(env, history, initial_crossings)
             prior = proposal_prior(scores, temperature=model_temperature)
@@ -379,6 +383,9 @@ def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.ra
             continue
         if i < first_guided or (explore_prob > 0 and rng.random() < explore_prob):
             j = int(rng.integers(pool.size))
+        elif guide == "oracle":
+            improving = np.flatnonzero(pool.delta < 0)
+            j = int(improving[rng.integers(improving.size)] if improving.size else rng.integers(pool.size))
         else:
             if cdf is None:  # the pool's weights, only once a model proposal needs them
                 cdf = np.cumsum(prior.take(pool.variant * prior[0].size + pool.y * prior.shape[2] + pool.x),

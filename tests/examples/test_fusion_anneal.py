@@ -152,12 +152,24 @@ def test_equal_time_budget_is_the_patterns_measured_time_ratio(monkeypatch):
         return out
 
     monkeypatch.setattr(infer, "drive", timed_drive)
+    calls = []
+
+    def spy(env, **kwargs):
+        calls.append(kwargs)
+        return anneal(env, **kwargs)
+
+    monkeypatch.setattr(infer, "anneal", spy)
     rng = np.random.default_rng(0)
     score = lambda reqs: [Scores(rng.random((4, 10, 10)), rng.random((12, 10, 10))) for _ in reqs]  # noqa: E731
     items = infer._anneal_setting(recs, score, 0, 200, infer.AnnealGuide())
     assert [it["budget"] for it in items] == [200] * 4
     assert [it["time_ratio"] for it in items] == [2.5, 2.5, 2.0, 2.0]  # islands (3 + 2) / 2, voronoi 4 / 2
     assert [it["uniform_time"]["iters"] for it in items] == [500, 500, 400, 400]
+    # model-guided, uniform, uniform at equal time, then the oracle with the guide's mixing and start
+    assert [c["guide"] for c in calls] == ["model"] * 4 + ["uniform"] * 8 + ["oracle"] * 4
+    assert all(c["explore_prob"] == 0.5 and c["model_start"] == 0.5 and c["iters"] == 200 for c in calls[-4:])
+    assert all(it["oracle"]["iters"] == 200 and it["oracle"]["model_calls"] == 0 for it in items)
+    calls.clear()
     items = infer._anneal_setting(recs, score, 0, 200, infer.AnnealGuide(), time_ratio=1.26)
     assert [it["uniform_time"]["iters"] for it in items] == [252] * 4
     # the model-guided runs get the guide's keywords
@@ -175,7 +187,7 @@ def test_setting2_row_reports_the_gap_closed_to_the_bound():
                 "teacher_final": teacher_final, "time_ratio": 1.5,
                 "seconds": {"model": 3.0, "uniform": 2.0, "uniform_time": 3.0},
                 "model": run(initial, model, calls=4), "uniform": run(initial, uniform),
-                "uniform_time": {**run(initial, timed), "iters": 150}}
+                "uniform_time": {**run(initial, timed), "iters": 150}, "oracle": run(initial, bound)}
 
     row = anneal_row([item(20, 2, 11, 8, 11, 10), item(10, 4, 7, 7, 9, 6), item(12, 2, 12, 12, 12, 12)])  # a tie
     assert row["bound"] == pytest.approx(8 / 3) and row["initial_crossings"] == 14.0
@@ -183,6 +195,7 @@ def test_setting2_row_reports_the_gap_closed_to_the_bound():
     assert row["model_gap_closed"] == pytest.approx((12 + 3) / 34)
     assert row["uniform_gap_closed"] == pytest.approx((9 + 1) / 34)
     assert row["uniform_time_gap_closed"] == pytest.approx((10 + 4) / 34)
+    assert row["oracle_gap_closed"] == 1.0  # the oracle runs above reached their bounds
     assert row["model_beats_uniform_fraction"] == pytest.approx(2 / 3) and row["model_loses_to_uniform_fraction"] == 0
     assert row["model_beats_uniform_time_fraction"] == pytest.approx(1 / 3)
     assert row["model_loses_to_uniform_time_fraction"] == pytest.approx(1 / 3)
@@ -240,3 +253,22 @@ def test_search_criteria_judge_setting2_against_the_ceiling_and_the_gap():
     assert judge(None, None, good) == ["N/A", "N/A", "N/A"]  # a run from before the ceiling was measured
     assert [c["result"] for c in search_criteria([{}], None)] == ["N/A"] * 3
     assert [c["stage"] for c in search_criteria([{}], None)] == [3, 4, "goal"]
+
+
+@pytest.mark.parametrize("explore_prob", [0.0, 0.4])
+def test_oracle_guide_draws_the_pools_improving_ops_where_the_model_would_propose(explore_prob):
+    # a mid-trajectory state: the teacher's next effective op improves, so the pool holds improving ops
+    start = infer.mid_trajectory_starts(run_teacher(12, 12, "islands", seed=0, iters=800))[0]
+    env = FrozenEnv(start.env().zones, start.H, start.V)
+    env.proposed = []
+    pool = env.candidates()
+    improving = {pool.op(j) for j in np.flatnonzero(pool.delta < 0)}
+    assert 0 < len(improving) < pool.size
+    [res] = drive([anneal(env, iters=2000, t_max=1e12, t_min=1e12, guide="oracle", explore_prob=explore_prob,
+                          model_start=0.0, rng=np.random.default_rng(0))])  # never asks for scores
+    assert res.model_calls == 0
+    share = np.mean([op in improving for op in env.proposed])
+    expected = (1 - explore_prob) + explore_prob * len(improving) / pool.size
+    assert share == pytest.approx(expected, abs=0.035)
+    drawn = {op for op in env.proposed if op in improving}
+    assert drawn == improving  # uniformly among them: each one drawn
