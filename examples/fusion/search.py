@@ -1,5 +1,6 @@
 """Searches over FusionEnv operations: greedy descent (model-ranked or random order), history
-seeding and annealing (model-weighted or uniform proposals).
+seeding and annealing (model-guided proposals mixed with uniform ones, uniform proposals as the
+teacher draws them, or an improving-op oracle for reference).
 
 Every search only ever *checks* one proposed op at a time (``FusionEnv.evaluate``, one try each)
 and applies it only when the check says it applies, so no invalid op is ever applied and the
