@@ -5,6 +5,7 @@ torch.compile, next to this machine's matmul throughput (the ceiling) measured i
                                                 #      attention=True, stem="projection"): FusionNet's
                                                 #      levels, batch 8 at 128 x 128
     python benchmarks/blocks.py --quick         # batch 2 at 64 x 64, 3 steps, no compile
+    python benchmarks/blocks.py --no-compile --profile  # and where the time of an fp32 and a bf16 step goes
 
 One step = zero grads, forward (under autocast where named), ``out.float().square().mean()``,
 backward; no optimizer. Variants run round-robin (one step of each in turn) so that load from
@@ -39,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one fp32 and one bf16 + channels_last step and print where the time goes")
     args = p.parse_args()
     if args.quick:
         args.batch, args.size, args.steps, args.no_compile = 2, 64, 3, True
@@ -62,6 +65,44 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, cond: torch.Tensor,
 def make_matmul(dtype: torch.dtype, n: int = 2048) -> tuple[Callable[[], None], float]:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return (lambda: a @ b), 2.0 * n**3
+
+
+# torch.profiler op names -> the part of the network they belong to
+CATEGORIES = {"convolution": ("conv", "_slow_conv2d"), "group_norm": ("group_norm",),
+              "SiLU": ("silu",), "attention": ("attention", "bmm", "mm", "addmm", "softmax"),
+              "elementwise (add, mul, casts, zeroing)": ("add", "mul", "copy", "fill_", "zero_", "sum", "clone"),
+              "pool / upsample": ("pool", "upsample")}
+
+
+def profile_step(step: Callable[[], None]) -> dict[str, float]:
+    """Self CPU seconds of one step by category (:data:`CATEGORIES`, the rest under "other")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    out: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.removeprefix("aten::")
+        cat = next((c for c, keys in CATEGORIES.items() if any(name.startswith(k) or k in name for k in keys)),
+                   "other")
+        out[cat] = out.get(cat, 0.0) + event.self_cpu_time_total / 1e6
+    return out
+
+
+def print_profile(steps: dict[str, Callable[[], None]]) -> None:
+    """Where the step's time goes, fp32 beside bf16: the shares that do not shrink bound the speed-up."""
+    shares = {name: profile_step(fn) for name, fn in steps.items()}
+    names = list(steps)
+    cats = [*CATEGORIES, "other"]
+    print("\nprofile of one step (torch.profiler self CPU time; profiling adds overhead, compare shares)")
+    print(f"| {'part':<40} | " + " | ".join(f"{n + ' s':>12} | {'share':>5}" for n in names)
+          + f" | {names[0] + ' / ' + names[-1]:>16} |")
+    totals = {n: sum(shares[n].values()) for n in names}
+    for cat in [*cats, "total"]:
+        vals = {n: (totals[n] if cat == "total" else shares[n].get(cat, 0.0)) for n in names}
+        ratio = f"{vals[names[0]] / vals[names[-1]]:.2f}x" if vals[names[-1]] else ""
+        print(f"| {cat:<40} | " + " | ".join(f"{vals[n]:>12.3f} | {100 * vals[n] / totals[n]:>4.0f}%" for n in names)
+              + f" | {ratio:>16} |")
 
 
 def main() -> None:
@@ -129,6 +170,8 @@ def main() -> None:
         pct = f"{100 * gf_best / ceiling[dtype]:.0f}%"
         print(f"| {name:32s} | {1e3 * med[name]:9.1f} | {1e3 * best[name]:8.1f} | {1e3 * first[name]:11.0f} | "
               f"{gf_med:11.1f} | {gf_best:12.1f} | {pct:>9s} | {speed:>14s} |")
+    if args.profile:
+        print_profile({"fp32": variants["fp32"][0], "bf16 + channels_last": variants["bf16 + channels_last"][0]})
 
 
 if __name__ == "__main__":
