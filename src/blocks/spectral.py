@@ -15,6 +15,8 @@ from ._checks import positive_int
 
 __all__ = ["SpectralConv2d"]
 
+_MATMUL_DFT_MAX_MODES = 32  # beyond this many kept columns the FFT does fewer operations
+
 
 def _complex_mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``einsum("bixy,ioxy->boxy")`` of complex ``x`` and real-stored ``weight (..., 2)`` as ONE real
@@ -28,6 +30,25 @@ def _complex_mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     block = torch.cat([torch.cat([wr, wi], dim=2), torch.cat([-wi, wr], dim=2)], dim=1)
     y = torch.bmm(xr, block).view(rows, cols, batch, 2, cout)
     return torch.view_as_complex(y.permute(2, 4, 0, 1, 3).contiguous())
+
+
+def _width_dft(width: int, m2: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m2`` kept horizontal DFT columns as real matrices (built in float64, used in float32).
+
+    ``forward (W, 2*m2)``: ``x @ forward = [Re | Im]`` of ``rfft(x, norm="forward")[..., :m2]``.
+    ``inverse (2*m2, W)``: ``[Re | Im] @ inverse = irfft(X, n=W, norm="forward")`` of a spectrum that
+    is zero beyond ``m2``: Hermitian weights 1 for the DC (and the Nyquist) column, 2 for the others.
+    """
+    k = torch.arange(m2, device=device, dtype=torch.float64)
+    angle = (2 * math.pi / width) * torch.outer(torch.arange(width, device=device, dtype=torch.float64), k)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    forward = torch.cat([cos, -sin], dim=1) / width
+    weight = torch.full((m2, 1), 2.0, device=device, dtype=torch.float64)
+    weight[0] = 1.0
+    if width % 2 == 0 and m2 - 1 == width // 2:
+        weight[-1] = 1.0
+    inverse = torch.cat([weight * cos.t(), -weight * sin.t()], dim=0)
+    return forward.float(), inverse.float()
 
 
 def _pair(modes: int | tuple[int, int]) -> tuple[int, int]:
@@ -75,6 +96,10 @@ class SpectralConv2d(nn.Module):
         out_channels: output channels.
         modes: ``m`` or ``(m1, m2)``, the vertical and horizontal mode counts.
         bias: add a learned per-channel bias after the inverse FFT.
+        matmul_dft: along W, transform only the kept columns, as a matmul with their DFT basis (used
+            while ``m2 <= 32``: cheaper than a full ``rfft`` then a slice, and than a zero-padded
+            ``irfft``); ``False`` always uses ``rfft``/``irfft`` (the reference path; the same values up
+            to float rounding). A plain attribute, may be flipped after construction.
 
     Shapes:
         - x: ``(B, in_channels, H, W)``, real floating point (integer and complex input raise a
@@ -83,8 +108,9 @@ class SpectralConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, modes: int | tuple[int, int] = 12,
-                 bias: bool = False, device=None, dtype=None) -> None:
+                 bias: bool = False, matmul_dft: bool = True, device=None, dtype=None) -> None:
         super().__init__()
+        self.matmul_dft = matmul_dft
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
         self.modes = _pair(modes)
@@ -127,8 +153,16 @@ class SpectralConv2d(nn.Module):
         full = self.modes[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             # rfft2 / irfft2 split by axis, so only the m2 kept columns are transformed along H
-            # and the inverse never materialises the full zero-filled spectrum.
-            xf = torch.fft.rfft(x.float(), dim=-1, norm="forward")[..., :m2].contiguous()
+            # and the inverse never materialises the full zero-filled spectrum. Along W, with few
+            # modes, the kept columns are one matmul with their DFT basis each way (no slice of a
+            # full rfft whose backward zero-fills it, no padded irfft).
+            use_matmul = self.matmul_dft and m2 <= _MATMUL_DFT_MAX_MODES
+            if use_matmul:
+                dft, idft = _width_dft(width, m2, x.device)
+                z = x.float() @ dft
+                xf = torch.complex(z[..., :m2], z[..., m2:])
+            else:
+                xf = torch.fft.rfft(x.float(), dim=-1, norm="forward")[..., :m2].contiguous()
             xf = torch.fft.fft(xf, dim=-2, norm="forward")
             kept = torch.cat([xf[:, :, :m1], xf[:, :, height - m1:]], dim=2)
             w = self.weight.float()
@@ -137,7 +171,10 @@ class SpectralConv2d(nn.Module):
             gap = mixed.new_zeros(x.shape[0], self.out_channels, height - 2 * m1, m2)
             spectrum = torch.cat([mixed[:, :, :m1], gap, mixed[:, :, m1:]], dim=2)
             spectrum = torch.fft.ifft(spectrum, dim=-2, norm="forward")
-            y = torch.fft.irfft(spectrum, n=width, dim=-1, norm="forward")
+            if use_matmul:
+                y = torch.cat([spectrum.real, spectrum.imag], dim=-1) @ idft
+            else:
+                y = torch.fft.irfft(spectrum, n=width, dim=-1, norm="forward")
             if self.bias is not None:
                 y = y + self.bias.float()[:, None, None]
         return y.to(x.dtype)

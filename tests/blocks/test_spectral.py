@@ -40,6 +40,24 @@ def test_matches_naive_truncated_dft(size, modes):
     torch.testing.assert_close(layer(x).double(), naive_spectral(layer, x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("size, modes", [((16, 16), (4, 9)), ((12, 9), (3, 5)), ((10, 20), (5, 4)), ((8, 7), (2, 1))])
+def test_matmul_dft_path_matches_the_fft_path_values_and_gradients(size, modes):
+    # default: the kept W columns by a matmul with their DFT basis; reference: rfft / irfft. The
+    # cases keep the Nyquist column (16 -> 9 of 9), an odd width, all of a small width, only DC.
+    fast = SpectralConv2d(3, 2, modes, bias=True)
+    ref = SpectralConv2d(3, 2, modes, bias=True, matmul_dft=False)
+    ref.load_state_dict(fast.state_dict())
+    assert fast.matmul_dft and not ref.matmul_dft
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    g = torch.randn(2, 2, *size)
+    outs = []
+    for layer in (fast, ref):
+        y = layer(x)
+        outs.append((y, *torch.autograd.grad(y, [x, layer.weight], g)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _wave(ky, kx, n):
     y = torch.arange(n, dtype=torch.float64)[:, None]
     x = torch.arange(n, dtype=torch.float64)[None]
