@@ -4,11 +4,18 @@ System: FusionNet v2. A grid is split into zones and covered by one Hamiltonian 
 ops rewire the path inside a 3x3 (or 3x2, 2x3) window. A simulated-annealing teacher records op
 sequences that lower the number of path edges between zones; FusionNet (a GroupNorm U-Net with
 history-FiLM, bottleneck attention, K=4 winner-takes-all position heatmaps and a 12-way action
-map) learns to propose the teacher's next op. This script builds the dataset if it is missing,
-trains with DDP, validates every epoch against honest baselines (uniform and train-frequency
-picks among the legal anchors), judges the seed's staged-validation criteria, and runs the
-inference evaluation (model-guided search vs random and annealing baselines on held-out
-trajectories).
+map) learns to propose an op that lowers the crossings. This script builds the dataset if it is
+missing, trains with DDP, validates every epoch against honest baselines (uniform and
+train-frequency picks among the legal anchors) and against what the data allows (how often the
+top-1 / top-5 proposals improve, the teacher-pick ceiling, per zone pattern), judges the seed's
+staged-validation criteria, and runs the inference evaluation (model-guided search vs random and
+annealing baselines on held-out trajectories).
+
+Targets (``--targets``): ``set`` trains position and action on every improving op of the state
+(stored with each sample), weighted by its crossing reduction; ``teacher`` on the teacher's one
+pick, uniform among them, whose top-1 no model can predict above ``E[1/#improving]``.
+``--perturb P`` moves a training state by ``--perturb-steps`` random applicable ops with
+probability P and relabels it exactly (DAgger-lite; deterministic in (seed, epoch, index)).
 
     python examples/fusion_ddp.py                                          # one process
     torchrun --standalone --nproc_per_node=2 examples/fusion_ddp.py        # default CPU run
@@ -51,20 +58,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fusion import build_data, infer
 from fusion.batches import FusionSamples, collate, model_inputs
-from fusion.metrics import ValidationMetrics, frequency_prior, staged_criteria
+from fusion.metrics import ValidationMetrics, frequency_prior, pattern_table, staged_criteria
 from fusion.model import FusionNet
 from fusion.plots import plot_curves, plot_heatmaps
 from fusion.trajectories import format_counts, load_trajectories
 
 from blockyard.blocks import DecoderLevel, EncoderLevel, count_parameters
 from blockyard.data import BucketBatchSampler, GroupedStore
-from blockyard.losses import CompositeLoss, neighborhood_cross_entropy, wta_heatmap_loss
+from blockyard.losses import (
+    CompositeLoss,
+    neighborhood_cross_entropy,
+    set_cross_entropy,
+    wta_heatmap_loss,
+    wta_set_heatmap_loss,
+)
 from blockyard.train import EMA, Dashboard, EarlyStopping, RunDir, Stepper, autocast, warmup_cosine
 from blockyard.train.cli import add_common_args, kill_point, main_print, per_rank_batch, run_config
 from blockyard.train.distributed import all_reduce_sum, barrier, setup_distributed, teardown_distributed, wrap_ddp
 from blockyard.train.sharding import gathered, shard_model
 from blockyard.train.sweeps import seed_everything
 
+OFF_STEPS = 4  # random ops moving each validation state off the teacher's trajectory (off_* metrics)
+OFF_KEYS = ("improving_top1", "improving_top5", "gain_top1", "ceiling_top1", "improving_ops")
 # may change between a run and its resume without changing its results
 NOT_CONFIG = ("data", "workers", "loader_workers", "checkpoint_every", "eval")
 
@@ -99,6 +114,14 @@ def parse_args(argv=None):
                    help="channels_last model and inputs (slower on the CPU here: benchmarks/fusion_train.py)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="keep every N-th epoch's checkpoint")
     p.add_argument("--n-per-pattern", type=int, default=None, help="inference grids per zone pattern")
+    p.add_argument("--targets", choices=("set", "teacher"), default="set",
+                   help="'set': every improving op of the state, weighted by its crossing reduction (WTA over the "
+                        "position hypotheses kept); 'teacher': the teacher's one pick (Gaussian WTA heatmap + "
+                        "neighbourhood action CE)")
+    p.add_argument("--perturb", type=float, default=0.5,
+                   help="probability that a training state is moved by --perturb-steps random applicable ops and "
+                        "relabelled exactly (DAgger-lite; 0 = off)")
+    p.add_argument("--perturb-steps", type=int, default=2, help="random ops per perturbed state")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.smoke:
@@ -146,7 +169,8 @@ def main(argv=None) -> None:
     largest = max(max(g.key) for g in (*train_store.groups, *val_store.groups))
     if largest > args.max_grid:
         raise ValueError(f"--max-grid: expected >= the dataset's largest grid side {largest}, got {args.max_grid}")
-    train_set = FusionSamples(train_store, augment=True, seed=args.seed)
+    train_set = FusionSamples(train_store, augment=True, seed=args.seed, perturb=args.perturb,
+                              perturb_steps=args.perturb_steps)
     val_set = FusionSamples(val_store)
     train_sampler = BucketBatchSampler(train_set, batch_size, shuffle=True, seed=args.seed, drop_last=True,
                                        rank=info.rank, world_size=info.world_size)
@@ -156,6 +180,10 @@ def main(argv=None) -> None:
     loader_kw = {"num_workers": args.loader_workers, "collate_fn": collate, "pin_memory": device.type == "cuda"}
     train_loader = DataLoader(train_set, batch_sampler=train_sampler, **loader_kw)
     val_loader = DataLoader(val_set, batch_sampler=val_batches, **loader_kw)
+    # off the teacher's trajectories: the same states, each moved by OFF_STEPS random applicable ops (one fixed
+    # draw) and relabelled exactly, as a search leaves the teacher's states (what --perturb trains for)
+    off_set = FusionSamples(val_store, seed=args.seed, perturb=1.0, perturb_steps=OFF_STEPS)
+    off_loader = DataLoader(off_set, batch_sampler=val_batches, **loader_kw)
     prior = frequency_prior(train_store)
     say(f"train {len(train_store)} samples {train_store!r}\nval {len(val_store)} samples; world {info.world_size} "
         f"on {device}, {args.precision}, {len(train_loader)} batches of {batch_size} per rank per epoch")
@@ -168,12 +196,23 @@ def main(argv=None) -> None:
              else wrap_ddp(net, info))
     say(f"FusionNet {model_config}: {count_parameters(net):,} parameters, channels_last={bool(args.channels_last)}")
 
-    # --- loss: 5 x WTA heatmap + neighbourhood action CE + 0.5 x hypothesis diversity ----------
+    # --- loss: 5 x WTA heatmap + action CE + 0.5 x hypothesis diversity, on the set or the pick --
+    if args.targets == "set":  # every improving op, weighted by its crossing reduction
+        def position_loss(out, batch, inputs):
+            return wta_set_heatmap_loss(out.position, inputs.ops.gain.sum(1), inputs.mask)
+
+        def action_loss(out, batch, inputs):
+            return set_cross_entropy(out.action, inputs.ops.gain, label_smoothing=0.1)
+    else:  # the teacher's pick: a Gaussian around it, its action at it and (weaker) at its neighbours
+        def position_loss(out, batch, inputs):
+            return wta_heatmap_loss(out.position, inputs.centers, inputs.mask, sigma=2.0)
+
+        def action_loss(out, batch, inputs):
+            return neighborhood_cross_entropy(out.action, inputs.centers, batch.target[:, 2], neighbor_weight=0.3,
+                                              label_smoothing=0.2, center_label_smoothing=0.1, mask=inputs.mask)
     criterion = CompositeLoss(
         pos=(5.0, lambda out, batch, inputs, wta: wta.loss),
-        act=(1.0, lambda out, batch, inputs, wta: neighborhood_cross_entropy(
-            out.action, inputs.centers, batch.target[:, 2], neighbor_weight=0.3, label_smoothing=0.2,
-            center_label_smoothing=0.1, mask=inputs.mask)),
+        act=(1.0, lambda out, batch, inputs, wta: action_loss(out, batch, inputs)),
         div=(0.5, lambda out, batch, inputs, wta: wta.diversity),
     )
 
@@ -181,7 +220,7 @@ def main(argv=None) -> None:
         inputs = model_inputs(batch, channels_last=bool(args.channels_last))
         with autocast(device, args.precision):
             out = m(inputs.x, batch.history, batch.history_len, batch.initial_crossings)
-        wta = wta_heatmap_loss(out.position, inputs.centers, inputs.mask, sigma=2.0)  # float32 inside
+        wta = position_loss(out, batch, inputs)  # float32 inside
         return out, inputs, criterion(out, batch, inputs, wta)
 
     # --- optimizer step (accumulation, scaler, non-finite skip, clip 1.0, warmup + cosine per step, EMA)
@@ -211,7 +250,7 @@ def main(argv=None) -> None:
         train_sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, loss, pos, act
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # samples, loss, pos, act, perturbed
         for i, batch in enumerate(train_loader):
             batch = batch.to(device)
             with stepper.micro_batch(i) as mb:
@@ -219,19 +258,27 @@ def main(argv=None) -> None:
                 stepper.backward(loss.total)
             n = batch.target.shape[0]
             sums += torch.stack([torch.tensor(float(n), device=device), n * loss.total.detach(),
-                                 n * loss.terms["pos"], n * loss.terms["act"]]).double()
+                                 n * loss.terms["pos"], n * loss.terms["act"],
+                                 batch.perturbed.sum().to(loss.total.dtype)]).double()
             if mb.step and stepper.step():
                 kill_point(args.kill_at_step, stepper.steps)
                 dash.update(stepper.steps, epoch=epoch, loss=loss.total.detach(), lr=stepper.lr)
         train = all_reduce_sum(sums).tolist()
         with gathered(ema.module if ema is not None else net) as eval_model:  # FSDP2: whole weights, no collectives
             val = validate(eval_model, val_loader, forward, args.hypotheses, prior, device)
+            off = validate(eval_model, off_loader, forward, args.hypotheses, prior, device)
+        val |= {f"off_{k}": off[k] for k in OFF_KEYS}
         record = {"epoch": epoch, "opt_step": stepper.steps, "lr": stepper.lr, "train_loss": train[1] / train[0],
-                  "train_pos": train[2] / train[0], "train_act": train[3] / train[0], **val,
+                  "train_pos": train[2] / train[0], "train_act": train[3] / train[0],
+                  "train_perturbed": train[4] / train[0], **val,
                   "skipped_steps": stepper.skipped, "epoch_time_s": time.perf_counter() - epoch_start}
         log.log(epoch, **record)  # before the checkpoint, so a resumed log equals an uninterrupted one
         dash.write(f"epoch {epoch}/{args.epochs}: train {record['train_loss']:.4f} val {val['loss']:.4f} | "
-                   f"pos top-1 {val['pos_acc_top1']:.1%} top-5 {val['pos_acc_top5']:.1%} oracle "
+                   f"improving top-1 {val['improving_top1']:.1%} top-5 {val['improving_top5']:.1%} gain "
+                   f"{val['gain_top1']:.2f} (off-trajectory {val['off_improving_top1']:.1%} "
+                   f"{val['off_improving_top5']:.1%} {val['off_gain_top1']:.2f}) | pos top-1 {val['pos_acc_top1']:.1%} "
+                   f"({val['pos_top1_of_ceiling']:.0%} of the ceiling {val['ceiling_top1']:.1%}) top-5 "
+                   f"{val['pos_acc_top5']:.1%} oracle "
                    f"{val['oracle_acc_top1']:.1%} | act {val['act_acc_at_gt']:.1%} | baseline freq "
                    f"{val['baseline_freq_top1']:.1%} uniform {val['baseline_uniform_top1']:.1%} | "
                    f"{record['epoch_time_s']:.0f} s")
@@ -265,6 +312,13 @@ def main(argv=None) -> None:
               f"{last['baseline_freq_top5']:.1%}), oracle top-1 {last['oracle_acc_top1']:.1%}, action at target "
               f"{last['act_acc_at_gt']:.1%} (most frequent {last['baseline_act_acc']:.1%}); best epoch "
               f"{best_record['epoch']} (val loss {best_record['loss']:.4f})")
+        validation_table = pattern_table(last)
+        print(f"\nproposals against every state's improving ops (epoch {last['epoch']}, targets {args.targets}, "
+              f"perturb {args.perturb} x {args.perturb_steps}):\n{validation_table}\noff the teacher's trajectories "
+              f"(each state moved by {OFF_STEPS} random ops, relabelled): improving top-1 "
+              f"{last['off_improving_top1']:.1%}, "
+              f"top-5 {last['off_improving_top5']:.1%}, gain top-1 {last['off_gain_top1']:.3f} "
+              f"({last['off_improving_ops']:.2f} improving ops per state)")
         print("\nstaged validation (seed's criteria, judged on this run):")
         for c in criteria:
             print(f"  stage {c['stage']} [{c['result']:>4}] {c['rule']}: {c['measured']}")
@@ -278,7 +332,8 @@ def main(argv=None) -> None:
         summary = {"world_size": info.world_size, "per_rank_batch": batch_size, "device": str(device),
                    "parameters": count_parameters(net), "dataset": str(data_dir), "train_samples": len(train_store),
                    "val_samples": len(val_store), "final": last, "best_epoch": best_record["epoch"],
-                   "best": best_record, "criteria": criteria, "inference": inference, "inference_table": table,
+                   "best": best_record, "validation_table": validation_table, "criteria": criteria,
+                   "inference": inference, "inference_table": table,
                    "train_time_s": train_time, "inference_time_s": inference_time,
                    "plots": [str(p) for p in plots if p is not None], "criteria_setting2": search_checks}
         print(f"\nwrote {run.write_json('summary.json', summary)} (train {train_time:.0f} s, inference "
