@@ -79,7 +79,8 @@ from fusion.teacher import SCHEDULE, env_from_record, replay_steps
 from fusion.trajectories import format_counts, load_trajectories
 
 __all__ = ["AnnealGuide", "Start", "format_table", "load_checkpoint", "load_test_records", "mid_trajectory_starts",
-           "model_scorer", "record_bound", "run_evaluation", "saved_model_config", "search_criteria"]
+           "model_scorer", "record_bound", "run_evaluation", "saved_model_config", "search_criteria",
+           "setting2_records"]
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,15 @@ def _pick(items: Sequence, n: int, rng: np.random.Generator) -> list:
     if len(items) <= n:
         return list(items)
     return [items[i] for i in sorted(rng.choice(len(items), size=n, replace=False))]
+
+
+def setting2_records(records: Sequence[dict], per_pattern: int, seed: int) -> list[dict]:
+    """Setting 2's test trajectories: ``per_pattern`` of each zone pattern (all if fewer), drawn with ``seed``."""
+    by_pattern: dict[str, list[dict]] = defaultdict(list)
+    for rec in records:
+        by_pattern[rec["zone_pattern"]].append(rec)
+    return [rec for k, pattern in enumerate(sorted(by_pattern))
+            for rec in _pick(by_pattern[pattern], per_pattern, _rng(seed, 0, k, 1))]
 
 
 def record_bound(record: dict) -> int:
@@ -365,13 +375,13 @@ def run_evaluation(model: torch.nn.Module, data_dir: str | Path | None, *, n_per
     by_pattern: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         by_pattern[rec["zone_pattern"]].append(rec)
-    starts, anneal_records, seed_records = [], [], []
+    starts, seed_records = [], []
     for k, pattern in enumerate(sorted(by_pattern)):
         recs = by_pattern[pattern]
         pool = [s for rec in recs for s in mid_trajectory_starts(rec)]
         starts += _pick(pool, n_per_pattern, _rng(seed, 0, k, 0))
-        anneal_records += _pick(recs, anneal_n, _rng(seed, 0, k, 1))
         seed_records += _pick(recs, n_per_pattern, _rng(seed, 0, k, 2))
+    anneal_records = setting2_records(records, anneal_n, seed)
     if not settings or not set(settings) <= {1, 2, 3}:
         raise ValueError(f"settings: expected a non-empty subset of (1, 2, 3), got {settings}")
     guide = AnnealGuide() if guide is None else guide
