@@ -14,14 +14,23 @@ The run, in stages (each with its own metrics.jsonl and checkpoints under --out)
    masked), the decoder reconstructs normalised npho, the loss counts the hidden live sensors only.
 2. ``finetune``: regression of (u, v, w, energy, t0), standardised, from the pretrained encoder,
    with an EMA of the weights used for validation and the test (the seed's regressor recipe).
-3. ``scratch``: the same model and recipe from a random init for the same number of steps, so the
-   run says whether pretraining helped.
+   ``--head maps`` (the default) adds to the seed's token MLP a soft-argmax read-out of the inner
+   face's feature map before pooling (examples/xec/heads.py); ``--prior classical`` makes the network
+   predict a correction to the classical estimates; ``--encoder-lr-scale`` lowers the pretrained
+   encoder's lr, ``--channel-dropout`` hides extra live sensors in training.
+3. ``scratch`` (``--scratch on``): the same model and recipe from a random init for the same number
+   of steps, so the run says whether pretraining helped.
 4. ``inpaint`` (``--inpaint on``, the default): dead-channel inpainting heads (examples/xec/inpaint.py)
    on the frozen pretrained encoder, a CNN per face grid and a graph head per hex face, trained to
    predict npho and time of randomly hidden live sensors. Scored on the test events with random masks
    and with the detector's dead-channel map (events simulated with every sensor alive, so the truth
    behind the dead channels is known), per face, against the average of the visible neighbours and the
    face mean on the same sensors.
+
+``--study labels`` runs the label-budget sweep instead: per seed one pretraining on ``--train-events``
+unlabelled events, then per ``--label-budgets`` entry a fine-tuned and a from-scratch regressor of
+``--study-steps`` optimizer steps each; it prints the median [IQR] over ``--seeds`` of each target's
+test RMSE. ``--scheduler`` (cosine, onecycle, plateau) sets every stage's lr schedule.
 
 The test table gives per-target resolution (RMSE and the 68 % half-width of |residual|, the seed's
 metric) for the training-mean predictor, classical estimators (calibrated npho centroid, total npho,
@@ -31,6 +40,7 @@ time-of-flight-corrected mean time) and both networks.
     torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --out /tmp/xec_run
     torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --resume auto
     torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --labeled 512 --epochs 16 --overwrite
+    python examples/xec_mae.py --study labels --label-budgets 256,1024,4096 --seeds 0,1,2 --out /tmp/xec_labels
 
 The default run's first three stages (4096 events, 2 + 2 + 2 epochs of 128 steps of 32 events) take
 about 6 minutes with 2 processes on 2 CPU cores; the inpainting stage (2 epochs) adds about half of
@@ -58,10 +68,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xec.batches import Classical, Split, resolution
 from xec.events import TARGET_NAMES, generate
 from xec.geometry import build_geometry
+from xec.heads import HEADS, MapRegressor, TokenRegressor
 from xec.inpaint import XECInpainter, inpaint_loss, masked_batch
 from xec.inpaint_eval import evaluate_batch, expected_truth, format_table, plot_face_maps, summarise
 from xec.mae import XECMAE, mae_loss
-from xec.model import XECEncoder, XECRegressor, sensor_inputs
+from xec.model import XECEncoder, sensor_inputs
 from xec.posenc import POS_ENCODINGS
 
 from blockyard.blocks import count_parameters, random_mask
@@ -70,6 +81,7 @@ from blockyard.train import (
     EMA,
     Dashboard,
     EarlyStopping,
+    Plateau,
     RunDir,
     Stepper,
     add_common_args,
@@ -77,6 +89,7 @@ from blockyard.train import (
     autocast,
     kill_point,
     main_print,
+    one_cycle,
     per_rank_batch,
     predict_rows,
     pyplot,
@@ -114,6 +127,32 @@ def parse_args(argv=None):
                    help="how the fusion transformer tells the 7 face tokens apart: an added learned (the seed's), "
                         "sinusoidal (token index) or geometric (face centres) table, or rope (token index) / alibi "
                         "(face-centre distances) in the attention (default learned)")
+    p.add_argument("--head", choices=HEADS, default="maps",
+                   help="regression head: tokens (the seed's MLP on the 7 fused tokens) or maps (also a soft-argmax "
+                        "read-out of the inner face's feature map, before pooling; default maps)")
+    p.add_argument("--prior", choices=("none", "classical"), default="none",
+                   help="classical: the calibrated classical estimates are an input and the base of the output, the "
+                        "network predicts a correction to them (default none: the network alone)")
+    p.add_argument("--scratch", choices=("on", "off"), default="on",
+                   help="stage 3, the from-scratch control (default on)")
+    p.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                   help="fine-tuning lr of the pretrained encoder as a fraction of --lr (the head gets --lr; "
+                        "default 1)")
+    p.add_argument("--channel-dropout", type=float, default=0.0,
+                   help="fine-tune and scratch: hide this further fraction of the live sensors of every training "
+                        "event, as if dead (default 0)")
+    p.add_argument("--scheduler", choices=("cosine", "onecycle", "plateau"), default="cosine",
+                   help="lr schedule of every stage: cosine (linear warmup, cosine to 0.01 lr), onecycle (OneCycleLR's "
+                        "cosine policy, --warmup as pct_start) or plateau (linear warmup, then halved after an epoch "
+                        "without a better validation loss); default cosine")
+    p.add_argument("--study", choices=("run", "labels"), default="run",
+                   help="labels: the label-budget sweep instead of the run (one pretraining per seed, then "
+                        "fine-tune and scratch per budget; median [IQR] over the seeds)")
+    p.add_argument("--label-budgets", default="256,1024,4096", help="labelled events per budget (--study labels)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the sweep (--study labels)")
+    p.add_argument("--study-steps", type=int, default=128,
+                   help="optimizer steps per regression in the sweep, the same for every budget and arm (whole "
+                        "epochs: the nearest multiple of the budget's steps per epoch)")
     p.add_argument("--dim", type=int, default=None, help="CNN width (default 32, smoke 8)")
     p.add_argument("--depth", type=int, default=2, help="ConvNeXt-V2 blocks per image face (smoke 1)")
     p.add_argument("--token-dim", type=int, default=None, help="face token width (default 64, smoke 16)")
@@ -145,7 +184,7 @@ def predict(model, split: Split, info, precision: str) -> torch.Tensor:
 
     def rows_fn(rows: torch.Tensor) -> torch.Tensor:
         with autocast(info.device, precision):
-            return model(split.x[rows], split.dead.expand(rows.numel(), -1)).float()
+            return model(split.x[rows], split.dead.expand(rows.numel(), -1), split.prior_rows(rows)).float()
 
     return predict_rows(rows_fn, split.n, 64, info.device)
 
@@ -194,24 +233,31 @@ def score_inpainting(model, x: torch.Tensor, mask: torch.Tensor, targets: torch.
 
 
 def train_stage(name: str, model, train: Split, epochs: int, lr: float, weight_decay: float, step_loss, validate,
-                args, info, run: RunDir, ema: EMA | None = None, steps_before: int = 0) -> dict:
+                args, info, run: RunDir, ema: EMA | None = None, steps_before: int = 0, groups=None) -> dict:
     """One stage of AdamW through a Stepper (accumulation, clipping at norm 1, warmup-cosine per optimizer step to
     0.01 lr, EMA); per epoch a validation, a metrics record and a checkpoint; early stopping; resumes from the
     stage's checkpoints; ends with the best weights loaded. ``steps_before``: optimizer steps of the earlier
-    stages (``--kill-at-step`` counts the run's steps)."""
+    stages (``--kill-at-step`` counts the run's steps). ``groups``: AdamW parameter groups, each with an
+    ``lr_scale`` (default: one group of every parameter). ``--scheduler`` picks the schedule."""
     micro = train.n // args.batch_size  # micro-batches per epoch (drop_last: every rank the same count)
     if micro < 1:
         raise ValueError(f"--batch-size: {args.batch_size} is larger than the training split ({train.n} events)")
     total = epochs * math.ceil(micro / args.accum)
     warmup = min(int(args.warmup * total), total - 1)
-    schedule = lambda s: warmup_cosine(s, total, warmup, lr, min_lr=0.01 * lr)  # noqa: E731
+    plateau = Plateau(factor=0.5, patience=0) if args.scheduler == "plateau" else None
+    if args.scheduler == "onecycle":
+        schedule = lambda s: one_cycle(s, total, lr, pct_start=args.warmup)  # noqa: E731
+    elif plateau is not None:  # the plateau's current lr (its last_lr, None before the first reduction check)
+        schedule = lambda s: (plateau.last_lr or lr) * min(1.0, (s + 1) / (warmup + 1))  # noqa: E731
+    else:
+        schedule = lambda s: warmup_cosine(s, total, warmup, lr, min_lr=0.01 * lr)  # noqa: E731
     ddp = wrap_ddp(model, info, forward_sync_buffers=False)  # constant index buffers
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(groups or model.parameters(), lr=lr, weight_decay=weight_decay)
     stepper = Stepper(ddp, optimizer, precision=args.precision, accumulate=args.accum, num_batches=micro,
                       clip_value=1.0, schedule=schedule, ema=ema)
     stopper = EarlyStopping(args.patience)
-    state = {"model": model, "optimizer": optimizer, "stepper": stepper, "stopper": stopper,
-             **({"ema": ema} if ema else {})}
+    state = {"model": model, "optimizer": optimizer, **({"plateau": plateau} if plateau else {}),
+             "stepper": stepper, "stopper": stopper, **({"ema": ema} if ema else {})}  # plateau before the stepper
     ckpt = run.checkpoints(f"{name}/checkpoints", keep_last=1)  # one checkpoint per epoch, step = epoch
     resumed = run.resume_from(ckpt, state)
     log = run.metrics_log(f"{name}/metrics.jsonl", resumed)
@@ -243,6 +289,8 @@ def train_stage(name: str, model, train: Split, epochs: int, lr: float, weight_d
         log.log(epoch, **record)  # before the checkpoint, so a resumed log equals an uninterrupted one
         dash.write(f"{name} epoch {epoch}/{epochs}: train {record['train_loss']:.4f} val {record['val_loss']:.4f}")
         stopper.step(record["val_loss"])  # every rank computed the same validation: same decision
+        if plateau is not None:  # the next epoch's lr (the Stepper applies it at its next step)
+            plateau.step(record["val_loss"], plateau.last_lr or lr)
         ckpt.save(epoch, state, metric=record["val_loss"])
     dash.close()
     records = log.read() if info.is_main else []
@@ -253,37 +301,10 @@ def train_stage(name: str, model, train: Split, epochs: int, lr: float, weight_d
             "train_time_s": time.perf_counter() - t0, "final": records[-1] if records else None}
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    info = setup_distributed()
-    run = RunDir(args.out, run_config(args), resume=args.resume, overwrite=args.overwrite)
-    device, is_main = info.device, info.is_main
-    say = main_print(is_main)
-    seed_everything(args.seed)
-    run_start = time.perf_counter()
-
-    # --- data: every rank generates the same events in memory (disjoint seeds per split) ----------
-    geometry = build_geometry()
-    t0 = time.perf_counter()
-    unlabeled = Split(args.train_events, geometry, seed=3 * args.seed + 1)  # the MAE needs no labels
-    train = unlabeled if args.labeled is None else unlabeled.head(args.labeled)  # regression: labelled part
-    val = Split(args.val_events, geometry, 3 * args.seed + 2, train.mean, train.std)
-    test = Split(args.test_events, geometry, 3 * args.seed + 3, train.mean, train.std)
-    classical = Classical(geometry, train)
-    for split in {id(part): part for part in (unlabeled, train, val, test)}.values():
-        split.to(device)
-    sensor_mean = unlabeled.npho.mean(0)
-    say(f"events: train {unlabeled.n} ({train.n} labelled), val {val.n}, test {test.n} generated in "
-        f"{time.perf_counter() - t0:.1f} s; {int(train.dead.sum())} dead sensors; world {info.world_size} on "
-        f"{device}, {args.precision}")
-    geometry = geometry.to(device)
-    kw = {"dim": args.dim, "depth": args.depth, "token_dim": args.token_dim, "hex_dim": max(8, args.token_dim // 2),
-          "pos_enc": args.pos_enc}
-
-    def regression_loss(ddp, rows, _gen):
-        with autocast(device, args.precision):
-            pred = ddp(train.x[rows], train.dead.expand(rows.numel(), -1))
-        return (pred.float() - train.z[rows]).square().mean()
+def pretrain_stage(name: str, unlabeled: Split, val: Split, geometry, kw: dict, args, info, run: RunDir,
+                   steps_before: int = 0):
+    """Stage 1, FCMAE: ``(model, stage record)``; 60 % of the live sensors hidden, masked MSE on them."""
+    device = info.device
 
     def mae_step(ddp, rows, gen):
         hidden = random_mask(rows.numel(), unlabeled.dead.numel(), args.mask_ratio,
@@ -292,33 +313,166 @@ def main(argv=None) -> None:
             recon = ddp(unlabeled.x[rows], hidden | unlabeled.dead).recon
         return mae_loss(recon, unlabeled.npho[rows], hidden)
 
+    sensor_mean = unlabeled.npho.mean(0)
+    torch.manual_seed(args.seed + 1)
+    mae = XECMAE(XECEncoder(geometry, **kw), geometry).to(device)
+    stage = train_stage(name, mae, unlabeled, args.pretrain_epochs, args.mae_lr, args.mae_weight_decay, mae_step,
+                        lambda m: validate_mae(m, val, info, args, sensor_mean), args, info, run,
+                        steps_before=steps_before)
+    return mae, stage
+
+
+def label(train: Split, val: Split, test: Split, geometry, args) -> Classical:
+    """Make ``train`` the labelled part: val and test standardised by its targets, the classical estimators
+    calibrated on it and, with ``--prior classical``, their standardised estimates set as every split's prior."""
+    for split in (val, test):
+        split.standardise(train.mean, train.std)
+    classical = Classical(geometry.to("cpu"), train)
+    for split in (train, val, test):  # w has no classical estimate: its prior is the training mean (0)
+        split.prior = (((classical.predict(split.events) - train.mean.cpu()) / train.std.cpu()).nan_to_num(0.0)
+                       .to(train.x.device) if args.prior == "classical" else None)
+    return classical
+
+
+def regress(name: str, encoder: XECEncoder, train: Split, val: Split, test: Split, geometry, args, info,
+            run: RunDir, steps_before: int = 0, epochs: int | None = None):
+    """Stages 2 and 3: ``(stage record, test predictions (n, 5) in physical units)`` of the EMA model.
+    ``--head`` and ``--prior`` pick the model, ``--channel-dropout`` hides more live sensors in training,
+    ``--encoder-lr-scale`` scales the encoder's lr when it is pretrained (``name`` ending in ``finetune``)."""
+    device = info.device
+
+    def regression_loss(ddp, rows, gen):
+        mask = train.dead.expand(rows.numel(), -1)
+        if args.channel_dropout > 0:  # as if more sensors were dead in this event
+            mask = mask | random_mask(rows.numel(), train.dead.numel(), args.channel_dropout, valid=~mask.cpu(),
+                                      generator=gen).to(device)
+        with autocast(device, args.precision):
+            pred = ddp(train.x[rows], mask, train.prior_rows(rows))
+        return (pred.float() - train.z[rows]).square().mean()
+
     def validate_regression(model):
         z = predict(model, val, info, args.precision)
         return {"val_loss": float((z - val.z).square().mean()),
                 **{f"val_mse_{n}": float((z[:, k] - val.z[:, k]).square().mean()) for k, n in enumerate(TARGET_NAMES)}}
 
+    torch.manual_seed(args.seed + 2)  # the same head init for fine-tune and scratch
+    prior = args.prior == "classical"
+    model = (MapRegressor(encoder, geometry, train.mean[:2], train.std[:2], prior=prior) if args.head == "maps"
+             else TokenRegressor(encoder, prior=prior)).to(device)
+    scale = args.encoder_lr_scale if name.endswith("finetune") else 1.0
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    groups = [{"params": list(model.encoder.parameters()), "lr_scale": scale},
+              {"params": [p for p in model.parameters() if id(p) not in encoder_ids], "lr_scale": 1.0}]
+    ema = EMA(model, decay=args.ema, warmup=args.ema_warmup == "on")
+    stage = train_stage(name, model, train, args.epochs if epochs is None else epochs, args.lr, args.weight_decay,
+                        regression_loss, validate_regression, args, info, run, ema=ema, steps_before=steps_before,
+                        groups=groups)
+    stage["ema_decay_last_step"] = ema.decay_at(stage["opt_steps"])
+    return stage, (predict(ema.module, test, info, args.precision) * train.std + train.mean).cpu()
+
+
+def label_study(args, info, run: RunDir, kw: dict, say) -> None:
+    """``--study labels``: per seed one FCMAE pretraining on ``--train-events`` unlabelled events, then per label
+    budget the fine-tuned and the from-scratch regressor, ``--study-steps`` optimizer steps each, scored on that
+    seed's test events; the table gives the median [IQR] over the seeds of each target's test RMSE."""
+    budgets = [int(b) for b in args.label_budgets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if max(budgets) > args.train_events or min(budgets) < args.batch_size:
+        raise ValueError(f"--label-budgets: expected values in [--batch-size, --train-events] = "
+                         f"[{args.batch_size}, {args.train_events}], got {budgets}")
+    device, arms = info.device, ("classical", "finetune", "scratch")
+    rmse = torch.full((len(seeds), len(budgets), len(arms), len(TARGET_NAMES)), math.nan, dtype=torch.float64)
+    stages, done, t0 = {}, 0, time.perf_counter()
+    for i, seed in enumerate(seeds):
+        sargs = copy.copy(args)
+        sargs.seed = seed
+        seed_everything(seed)
+        geometry = build_geometry()
+        unlabeled = Split(args.train_events, geometry, seed=3 * seed + 1).to(device)
+        val = Split(args.val_events, geometry, 3 * seed + 2).to(device)
+        test = Split(args.test_events, geometry, 3 * seed + 3).to(device)
+        geometry = geometry.to(device)
+        mae, stages[f"s{seed}/pretrain"] = pretrain_stage(f"s{seed}/pretrain", unlabeled, val, geometry, kw, sargs,
+                                                          info, run, steps_before=done)
+        done += stages[f"s{seed}/pretrain"]["opt_steps"]
+        for j, n in enumerate(budgets):
+            train = unlabeled.head(n)
+            classical = label(train, val, test, geometry, sargs)
+            rmse[i, j, 0] = torch.tensor([r["rmse"] for r in resolution(classical.predict(test.events),
+                                                                        test.targets.cpu()).values()])
+            epochs = max(1, round(args.study_steps / max(1, (n // args.batch_size) // args.accum)))
+            for k, arm in enumerate(arms[1:], 1):
+                name = f"s{seed}/n{n}/{arm}"
+                torch.manual_seed(seed + 2)
+                encoder = copy.deepcopy(mae.encoder) if arm == "finetune" else XECEncoder(geometry, **kw)
+                stages[name], pred = regress(name, encoder, train, val, test, geometry, sargs, info, run,
+                                             steps_before=done, epochs=epochs)
+                done += stages[name]["opt_steps"]
+                rmse[i, j, k] = torch.tensor([r["rmse"] for r in resolution(pred, test.targets).values()])
+            say(f"seed {seed}, {n} labels ({epochs} epochs): test RMSE finetune "
+                f"{[round(float(v), 3) for v in rmse[i, j, 1]]}, scratch {[round(float(v), 3) for v in rmse[i, j, 2]]}"
+                f" ({time.perf_counter() - t0:.0f} s)")
+    if info.is_main:
+        q = rmse.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)  # (3, budgets, arms, targets)
+        lines = [f"label-budget sweep: test RMSE, median [IQR] over seeds {seeds}; {args.train_events} unlabelled "
+                 f"events, {args.study_steps} optimizer steps per regression", "labels  target  " + "".join(
+                     f"{a:>26}" for a in arms) + "  pretrained wins"]
+        for j, n in enumerate(budgets):
+            for t, target in enumerate(TARGET_NAMES):
+                cells = [f"{q[1, j, k, t]:.3g} [{q[0, j, k, t]:.3g}, {q[2, j, k, t]:.3g}]" for k in range(len(arms))]
+                wins = int((rmse[:, j, 1, t] < rmse[:, j, 2, t]).sum())
+                lines.append(f"{n:<8}{target:<8}" + "".join(f"{c:>26}" for c in cells) + f"  {wins}/{len(seeds)}")
+        table = "\n".join(lines)
+        print("\n" + table)
+        summary = {"study": "labels", "budgets": budgets, "seeds": seeds, "arms": list(arms),
+                   "targets": list(TARGET_NAMES), "rmse": rmse.tolist(), "stages": stages, "table": table,
+                   "wall_time_s": time.perf_counter() - t0}
+        print(f"\nwrote {run.write_json('summary.json', summary)}")
+    run.finish()
+    teardown_distributed()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = setup_distributed()
+    run = RunDir(args.out, run_config(args), resume=args.resume, overwrite=args.overwrite)
+    device, is_main = info.device, info.is_main
+    say = main_print(is_main)
+    seed_everything(args.seed)
+    run_start = time.perf_counter()
+    kw = {"dim": args.dim, "depth": args.depth, "token_dim": args.token_dim, "hex_dim": max(8, args.token_dim // 2),
+          "pos_enc": args.pos_enc}
+    if args.study == "labels":
+        return label_study(args, info, run, kw, say)
+
+    # --- data: every rank generates the same events in memory (disjoint seeds per split) ----------
+    geometry = build_geometry()
+    t0 = time.perf_counter()
+    unlabeled = Split(args.train_events, geometry, seed=3 * args.seed + 1)  # the MAE needs no labels
+    train = unlabeled if args.labeled is None else unlabeled.head(args.labeled)  # regression: labelled part
+    val = Split(args.val_events, geometry, 3 * args.seed + 2)
+    test = Split(args.test_events, geometry, 3 * args.seed + 3)
+    for split in {id(part): part for part in (unlabeled, train, val, test)}.values():
+        split.to(device)
+    classical = label(train, val, test, geometry, args)
+    say(f"events: train {unlabeled.n} ({train.n} labelled), val {val.n}, test {test.n} generated in "
+        f"{time.perf_counter() - t0:.1f} s; {int(train.dead.sum())} dead sensors; world {info.world_size} on "
+        f"{device}, {args.precision}")
+    geometry = geometry.to(device)
+
     # --- stage 1: FCMAE pretraining -----------------------------------------------------------------
-    torch.manual_seed(args.seed + 1)
-    mae = XECMAE(XECEncoder(geometry, **kw), geometry).to(device)
-    stages = {"pretrain": train_stage("pretrain", mae, unlabeled, args.pretrain_epochs, args.mae_lr,
-                                      args.mae_weight_decay, mae_step,
-                                      lambda m: validate_mae(m, val, info, args, sensor_mean), args, info, run)}
+    mae, stage = pretrain_stage("pretrain", unlabeled, val, geometry, kw, args, info, run)
+    stages = {"pretrain": stage}
     say(f"pretrain: {stages['pretrain']['parameters']:,} parameters, val masked MSE "
         f"{stages['pretrain']['final']['val_loss'] if is_main else 0:.5f}")
     # --- stages 2 and 3: fine-tune from the pretrained encoder, and from scratch --------------------
     results, predictions = {}, {}
-    for name in ("finetune", "scratch"):
-        torch.manual_seed(args.seed + 2)  # same head init for both
+    for name in ("finetune", "scratch") if args.scratch == "on" else ("finetune",):
+        torch.manual_seed(args.seed + 2)
         encoder = copy.deepcopy(mae.encoder) if name == "finetune" else XECEncoder(geometry, **kw)
-        model = XECRegressor(encoder).to(device)
-        ema = EMA(model, decay=args.ema, warmup=args.ema_warmup == "on")
-        stages[name] = train_stage(name, model, train, args.epochs, args.lr, args.weight_decay, regression_loss,
-                                   validate_regression, args, info, run, ema=ema,
-                                   steps_before=sum(stage["opt_steps"] for stage in stages.values()))
-        z = predict(ema.module, test, info, args.precision)
-        predictions[name] = (z * train.std + train.mean).cpu()
+        stages[name], predictions[name] = regress(name, encoder, train, val, test, geometry, args, info, run,
+                                                  steps_before=sum(stage["opt_steps"] for stage in stages.values()))
         results[name] = resolution(predictions[name], test.targets)
-        stages[name]["ema_decay_last_step"] = ema.decay_at(stages[name]["opt_steps"])
         say(f"{name}: {stages[name]['parameters']:,} parameters, best epoch {stages[name]['best_epoch']}, "
             f"{stages[name]['train_time_s']:.0f} s")
 
@@ -373,12 +527,19 @@ def main(argv=None) -> None:
         for t in TARGET_NAMES:
             cells = [f"{results[n][t]['rmse']:.3g} / {results[n][t]['res68']:.3g}" for n in names]
             lines.append(f"{t + ' [' + UNITS[t] + ']':<14}" + "".join(f"{c:>22}" for c in cells))
-        better = [t for t in TARGET_NAMES if results["finetune"][t]["rmse"] < results["scratch"][t]["rmse"]]
+        has = [t for t in TARGET_NAMES if not math.isnan(results["classical"][t]["rmse"])]
+        for name in ("finetune", "scratch") if args.scratch == "on" else ("finetune",):
+            wins = [t for t in has if results[name][t]["rmse"] < results["classical"][t]["rmse"]]
+            lines.append(f"{name} beats classical (test RMSE) on {len(wins)}/{len(has)}: {', '.join(wins) or 'none'}")
+        better = [t for t in TARGET_NAMES if args.scratch == "on"
+                  and results["finetune"][t]["rmse"] < results["scratch"][t]["rmse"]]
         lines.append(f"fine-tuned beats scratch (test RMSE) on {len(better)}/5 targets: {', '.join(better) or 'none'}")
         pre = stages["pretrain"]["final"]
         lines.append(f"\npretraining: val masked MSE {pre['val_loss']:.5f} (per-sensor training mean "
                      f"{pre['val_sensor_mean_mse']:.5f}); fine-tune vs scratch val loss (EMA, standardised MSE): "
-                     f"{stages['finetune']['final']['val_loss']:.4f} vs {stages['scratch']['final']['val_loss']:.4f}")
+                     f"{stages['finetune']['final']['val_loss']:.4f} vs "
+                     f"{stages['scratch']['final']['val_loss'] if args.scratch == 'on' else math.nan:.4f}")
+        lines.append(f"head {args.head}, prior {args.prior}")
         lines.append(f"positional encoding of the face tokens: {args.pos_enc}; EMA decay {args.ema}, warmup "
                      f"{args.ema_warmup}: effective decay at the last step ({stages['finetune']['opt_steps']}) "
                      f"{stages['finetune']['ema_decay_last_step']:.4f}")

@@ -35,6 +35,17 @@ class Split:
         self.mean = self.targets.mean(0) if mean is None else mean
         self.std = self.targets.std(0) if std is None else std
         self.z = (self.targets - self.mean) / self.std
+        self.prior: torch.Tensor | None = None  # (n, 5) standardised classical estimates, set by the caller
+
+    def standardise(self, mean: torch.Tensor, std: torch.Tensor) -> Split:
+        """Standardise the targets with another split's ``mean`` and ``std`` (the labelled training part's)."""
+        self.mean, self.std = mean.to(self.targets.device), std.to(self.targets.device)
+        self.z = (self.targets - self.mean) / self.std
+        return self
+
+    def prior_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """``prior[rows]``, or None when no prior is set."""
+        return None if self.prior is None else self.prior[rows]
 
     def head(self, n: int) -> Split:
         """The first ``n`` events as a split of their own, standardised by their own targets (a
@@ -50,8 +61,9 @@ class Split:
         return part
 
     def to(self, device) -> Split:
-        for name in ("x", "npho", "dead", "targets", "z", "mean", "std"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("x", "npho", "dead", "targets", "z", "mean", "std", "prior"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         self.npho = self.x[:, 0]
         return self
 
