@@ -312,3 +312,44 @@ def test_study_rows_trains_every_row_per_seed_and_prints_the_paired_table(tmp_pa
     assert records["resnet", 0]["val"] != records["resnet", 1]["val"]
     assert set(result["group mean"]) == {"code", "row"} and result["shared_code_rows"]["row"]["val"] > 0.5
     assert "vs control" in proc.stdout and "m-height rows over seeds" in proc.stdout
+
+
+@pytest.mark.slow
+def test_study_rows_smoke_runs_the_other_families_and_gates(tmp_path):
+    """The rows the test above leaves out (FCN, ViT, the hard and soft gates, the classifier, no augmentation), one
+    process, seed 0: each trains its own model, the MoEs start from this seed's ResNet and route as their gate says.
+
+    Over seeds 0-2 (``--seeds 0,1,2``) every row but the classifier scored 0.27-0.85x the constant predictor on
+    validation and test; the classifier's argmax-midpoint decoding 1.18-1.43x after its 20 steps (learning: above).
+    """
+    out = tmp_path / "run"
+    rows = ["resnet", "fcn", "vit", "control", "hard", "soft", "binned", "noaug"]
+    proc = run_example(SCRIPT, out, "--study", "rows", "--rows", ",".join(rows), "--seeds", "0", nproc=1,
+                       timeout=2 * TIMEOUT)
+    result = summary(out)
+    records = {r["row"]: r for r in result["study"]}
+    assert [r["row"] for r in result["study"]] == rows and {r["seed"] for r in result["study"]} == {0}
+    for row in rows:  # 672 rows / 64 per step; the fine-tuned rows run --moe-epochs (2 under --smoke)
+        steps = [r["opt_step"] for r in read_metrics(out / "study" / "seed0" / row / "metrics.jsonl")]
+        assert steps == [10, 20], row
+    sizes = {"base_channels": 8, "num_blocks": 1}
+    for row, model in (("resnet", "resnet"), ("fcn", "fcn"), ("vit", "vit"), ("noaug", "resnet")):
+        assert records[row]["parameters"] == count_parameters(build_model(model, **sizes)), row
+        assert records[row]["initialised_from"] is None
+    for gate in ("hard", "soft"):
+        moe = records[gate]
+        assert (moe["gate"], moe["experts"], moe["initialised_from"]) == (gate, "resnet", "resnet")
+        assert moe["parameters"] == count_parameters(build_model("moe", gate=gate, **sizes))
+    assert records["hard"]["routing_val"] == {str(nk): [float(i == j) for j in range(6)] for i, nk in enumerate(NK)}
+    for weights in records["soft"]["routing_val"].values():  # dense: every expert gets a share
+        assert min(weights) > 0 and sum(weights) == pytest.approx(1, abs=1e-3)
+    train = ShardDataset(out / "data" / "train").column("target").double().log2()
+    assert records["binned"]["bins"] == len(bin_edges(train, float(train.mean()), float(train.std()))) - 1
+    assert "train_cross_entropy" in read_metrics(out / "study" / "seed0" / "binned" / "metrics.jsonl")[0]
+    assert records["noaug"]["val"] != records["resnet"]["val"]  # the same seed without the symmetries
+    for split in ("val", "test"):
+        log2h = ShardDataset(out / "data" / split).column("target").double().log2()
+        constant = float((log2h - result["log2h"]["mean"]).square().mean())
+        for row in rows[:-2] + rows[-1:]:
+            assert records[row][split]["overall"] < 0.9 * constant, (row, split, constant)
+    assert proc.stdout.count("vs control") == 2  # hard and soft, paired with the control of their seed
