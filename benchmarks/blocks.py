@@ -7,11 +7,17 @@ torch.compile, next to this machine's matmul throughput (the ceiling) measured i
     python benchmarks/blocks.py --quick         # batch 2 at 64 x 64, 3 steps, no compile
     python benchmarks/blocks.py --no-compile --profile  # and where the time of an fp32 and a bf16 step goes
 
+"bf16 + cl, torch GroupNorm" is the bf16 + channels_last step with ``nn.GroupNorm``'s own forward
+in place of blockyard's ``GroupNorm`` (whose channels-last half-precision backward runs PyTorch's
+NCHW kernel), so the gain of that path is measured in the same run.
+
 One step = zero grads, forward (under autocast where named), ``out.float().square().mean()``,
 backward; no optimizer. Variants run round-robin (one step of each in turn) so that load from
 other processes on a shared machine hits all of them alike. The table reports the median and the
 best (min) time and GFLOP/s for both: on a busy machine the best step is the closer estimate of
-the uncontended speed, and "% ceiling" compares the best step with the best matmul. FLOPs
+the uncontended speed, and "% ceiling" compares the best step with the best matmul. The last two
+columns are the median process CPU time per step and its ratio to fp32's (with one thread, the
+measure least moved by other jobs), followed by the load average. FLOPs
 are counted once on the float32 eager step with ``torch.utils.flop_counter.FlopCounterMode``
 (convolutions, matmuls, attention; elementwise ops count zero), so GFLOP/s is comparable across
 variants. The ceiling is a square matmul of the same dtype.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from typing import Callable
@@ -115,8 +122,12 @@ def main() -> None:
     cond = torch.randn(args.batch, 192)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
-    def clone(channels_last: bool) -> torch.nn.Module:
+    def clone(channels_last: bool, torch_group_norm: bool = False) -> torch.nn.Module:
         m = copy.deepcopy(base)
+        if torch_group_norm:  # blockyard's GroupNorm adds no state: torch's forward on the same module
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.GroupNorm):
+                    mod.__class__ = torch.nn.GroupNorm
         return m.to(memory_format=torch.channels_last) if channels_last else m
 
     # name -> (step, flops per call, matmul dtype of its ceiling)
@@ -125,6 +136,7 @@ def main() -> None:
         "fp32 + channels_last": (make_step(clone(True), x_cl, cond, False), None, torch.float32),
         "bf16 autocast": (make_step(clone(False), x, cond, True), None, torch.bfloat16),
         "bf16 + channels_last": (make_step(clone(True), x_cl, cond, True), None, torch.bfloat16),
+        "bf16 + cl, torch GroupNorm": (make_step(clone(True, True), x_cl, cond, True), None, torch.bfloat16),
     }
     if not args.no_compile:
         variants["compiled fp32 + channels_last"] = (
@@ -141,17 +153,20 @@ def main() -> None:
 
     first: dict[str, float] = {}
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for rnd in range(args.warmup + args.steps):
         for name, (fn, _, _) in variants.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if rnd == 0:
                 first[name] = dt
             if rnd >= args.warmup:
                 times[name].append(dt)
+                cpu[name].append(dc)
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    cpu_med = {name: statistics.median(ts) for name, ts in cpu.items()}
     best = {name: min(ts) for name, ts in times.items()}
     ceiling = {dt: (variants[n][1] or step_flops) / best[n] / 1e9
                for n, (_, _, dt) in variants.items() if n.startswith("matmul")}
@@ -161,15 +176,19 @@ def main() -> None:
           f"{step_flops / 1e9:.1f} GFLOP per forward+backward; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.steps} round-robin rounds")
     head = f"| {'variant':32s} | {'median ms':>9s} | {'best ms':>8s} | {'1st call ms':>11s} | " \
-           f"{'GFLOP/s med':>11s} | {'GFLOP/s best':>12s} | {'% ceiling':>9s} | {'vs fp32 (best)':>14s} |"
+           f"{'GFLOP/s med':>11s} | {'GFLOP/s best':>12s} | {'% ceiling':>9s} | {'vs fp32 (best)':>14s} | " \
+           f"{'CPU ms med':>10s} | {'vs fp32 (CPU)':>13s} |"
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for name, (_, flops, dtype) in variants.items():
         gf_med, gf_best = ((flops or step_flops) / t / 1e9 for t in (med[name], best[name]))
         speed = "" if flops else f"{best['fp32'] / best[name]:.2f}x"
+        cpu_speed = "" if flops else f"{cpu_med['fp32'] / cpu_med[name]:.2f}x"
         pct = f"{100 * gf_best / ceiling[dtype]:.0f}%"
         print(f"| {name:32s} | {1e3 * med[name]:9.1f} | {1e3 * best[name]:8.1f} | {1e3 * first[name]:11.0f} | "
-              f"{gf_med:11.1f} | {gf_best:12.1f} | {pct:>9s} | {speed:>14s} |")
+              f"{gf_med:11.1f} | {gf_best:12.1f} | {pct:>9s} | {speed:>14s} | {1e3 * cpu_med[name]:10.1f} | "
+              f"{cpu_speed:>13s} |")
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.profile:
         print_profile({"fp32": variants["fp32"][0], "bf16 + channels_last": variants["bf16 + channels_last"][0]})
 
