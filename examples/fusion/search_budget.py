@@ -9,12 +9,16 @@ at each of ``--budgets`` proposals (the teacher's schedule stretched over the bu
 - ``uniform``: uniform proposals (the teacher), at 3000 proposals exactly setting 2's ``uniform``;
 - ``oracle``: setting 2's oracle guide (half the proposals drawn among the pool's improving ops
   in the cold half; it reads every pool op's change, so it is a reference, not a search), at 3000
-  exactly setting 2's ``oracle``.
+  exactly setting 2's ``oracle``;
+- ``oracle-ils`` (``--guides``): not annealing, iterated local search whose descent always takes
+  an improving op when one exists (``oracle_ils``), kicked by 8 random ops at each local minimum.
 
 So it says how far from the bound annealing itself stays at the budget a guide is measured at,
-and what budget a search needs to close a given share. No model is involved.
+what budget a search needs to close a given share, and whether a perfect improving-op proposer
+inside another search family gets further. No model is involved.
 
     python examples/fusion/search_budget.py --data runs/fusion/data
+    python examples/fusion/search_budget.py --data runs/fusion/data --guides oracle-ils
     python examples/fusion/search_budget.py --data runs/fusion/data --budgets 3000,30000 --seeds 0 --workers 2
 """
 from __future__ import annotations
@@ -26,22 +30,62 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blockyard.train.sweeps import sweep_summary
 from fusion.bound import gap_closed
+from fusion.env import FusionEnv
 from fusion.infer import AnnealGuide, _rng, load_test_records, record_bound, setting2_records
 from fusion.search import anneal, drive
 from fusion.teacher import SCHEDULE, env_from_record
 
-#: guide -> setting 2's random-stream key for it (``infer._anneal_setting``), so 3000 proposals replay setting 2
-GUIDES = {"uniform": 4, "oracle": 8}
+#: search -> its random-stream key: for the annealers setting 2's (``infer._anneal_setting``), so 3000
+#: proposals replay setting 2
+GUIDES = {"uniform": 4, "oracle": 8, "oracle-ils": 11}
+
+
+def oracle_ils(env: FusionEnv, budget: int, rng: np.random.Generator, kick: int = 8) -> int:
+    """Iterated local search with an oracle descent; returns the best crossing count seen.
+
+    Descent: while the pool has an improving op, apply one drawn uniformly among them (one proposal
+    each: the oracle reads every op's change, the best any improving-op proposer could do). At a
+    local minimum (one more proposal, the check that finds none) the walk keeps it if it is no
+    worse than the last kept one, else returns there, then applies ``kick`` uniform pool ops (one
+    proposal each) and descends again, until ``budget`` proposals are spent.
+    """
+    best = home_crossings = env.crossings
+    home, used = env.copy(), 0
+    while used < budget:
+        pool = env.candidates()
+        if pool.size == 0:
+            break
+        improving = np.flatnonzero(pool.delta < 0)
+        used += 1
+        if improving.size:
+            if not env.apply(pool.op(int(improving[rng.integers(improving.size)]))).ok:
+                raise RuntimeError("pool op does not apply")
+            best = min(best, env.crossings)
+            continue
+        if env.crossings <= home_crossings:
+            home, home_crossings = env.copy(), env.crossings
+        else:
+            env = home.copy()
+        for _ in range(min(kick, budget - used)):
+            pool = env.candidates()
+            if not env.apply(pool.op(int(rng.integers(pool.size)))).ok:
+                raise RuntimeError("pool op does not apply")
+            used += 1
+    return best
 
 
 def anneal_final(task: tuple[dict, str, int, int, int]) -> int:
-    """The best crossing count of one annealing run: (record, guide, budget, seed, index in the selection)."""
+    """The best crossing count of one search: (record, guide, budget, seed, index in the selection)."""
     rec, guide, budget, seed, i = task
+    if guide == "oracle-ils":
+        return oracle_ils(env_from_record(rec), budget, _rng(seed, GUIDES[guide], i))
     schedule = {**SCHEDULE, **{k: rec[k] for k in SCHEDULE if k in rec}}
     run = anneal(env_from_record(rec), iters=budget, t_max=schedule["t_max"], t_min=schedule["t_min"],
                  rng=_rng(seed, GUIDES[guide], i), guide=guide, initial_crossings=rec["initial_crossings"],
@@ -49,12 +93,13 @@ def anneal_final(task: tuple[dict, str, int, int, int]) -> int:
     return drive([run])[0].best
 
 
-def measure(records: list[dict], budgets: list[int], seeds: list[int], per_pattern: int, workers: int) -> dict:
+def measure(records: list[dict], budgets: list[int], seeds: list[int], per_pattern: int, workers: int,
+            guides: tuple[str, ...] = ("uniform", "oracle")) -> dict:
     """``{guide: {budget: {seed: {pattern | "overall": gap closed}}}}`` and the runs' seconds."""
     tasks, keys = [], []
     for seed in seeds:
         chosen = setting2_records(records, per_pattern, seed)
-        for guide in GUIDES:
+        for guide in guides:
             for budget in budgets:
                 for i, rec in enumerate(chosen):
                     tasks.append((rec, guide, budget, seed, i))
@@ -62,7 +107,7 @@ def measure(records: list[dict], budgets: list[int], seeds: list[int], per_patte
     started = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
         finals = list(pool.map(anneal_final, tasks, chunksize=1))
-    out: dict = {g: {b: {s: {} for s in seeds} for b in budgets} for g in GUIDES}
+    out: dict = {g: {b: {s: {} for s in seeds} for b in budgets} for g in guides}
     grouped: dict = {}
     for (guide, budget, seed), task, final in zip(keys, tasks, finals, strict=True):
         rec = task[0]
@@ -97,6 +142,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="setting 2's selection seeds (fusion_ddp --seed)")
     p.add_argument("--per-pattern", type=int, default=8, help="test trajectories per zone pattern (setting 2: 8)")
     p.add_argument("--workers", type=int, default=2, help="processes")
+    p.add_argument("--guides", default="uniform,oracle", help=f"comma-separated, of {list(GUIDES)}")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     try:
@@ -104,6 +150,9 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--budgets, --seeds: expected comma-separated integers, got {args.budgets!r}, {args.seeds!r}")
+    args.guides = tuple(args.guides.split(","))
+    if not set(args.guides) <= set(GUIDES):
+        p.error(f"--guides: expected names from {list(GUIDES)}, got {args.guides}")
     if min(args.budgets) < 1 or args.per_pattern < 1 or args.workers < 1:
         p.error("--budgets, --per-pattern, --workers: expected integers >= 1")
     return args
@@ -111,7 +160,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = measure(load_test_records(args.data), args.budgets, args.seeds, args.per_pattern, args.workers)
+    result = measure(load_test_records(args.data), args.budgets, args.seeds, args.per_pattern, args.workers,
+                     args.guides)
     print(f"setting 2's searches at more proposals: share of the gap to the region bound closed, median [IQR] over "
           f"selection seeds {args.seeds} ({args.per_pattern} trajectories per pattern; {result['seconds']} s)")
     print(format_table(result, args.budgets, args.seeds))

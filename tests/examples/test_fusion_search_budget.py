@@ -43,3 +43,22 @@ def test_table_and_arguments(data_dir):
     for bad in (["--budgets", "0"], ["--seeds", "x"], ["--workers", "0"]):
         with pytest.raises(SystemExit):
             search_budget.parse_args(["--data", str(data_dir), *bad])
+
+
+def test_oracle_ils_descends_by_improving_ops_and_never_passes_the_bound(data_dir):
+    import numpy as np
+    from fusion.teacher import env_from_record
+
+    records = infer.load_test_records(data_dir)
+    start = next(s for rec in records for s in infer.mid_trajectory_starts(rec))  # an improving op exists
+    env = start.env()
+    best_delta = int(env.candidates().delta.min())
+    assert best_delta < 0
+    one = search_budget.oracle_ils(env.copy(), 1, np.random.default_rng(0))
+    assert start.crossings + best_delta <= one < start.crossings  # one proposal: one improving op
+    for rec in records[:6]:
+        runs = [search_budget.oracle_ils(env_from_record(rec), 400, np.random.default_rng(k)) for k in (1, 1, 2)]
+        assert runs[0] == runs[1]  # a function of the random stream
+        assert all(infer.record_bound(rec) <= r <= rec["initial_crossings"] for r in runs)
+    zero = search_budget.oracle_ils(env_from_record(records[0]), 0, np.random.default_rng(0))
+    assert zero == records[0]["initial_crossings"]
