@@ -23,7 +23,10 @@ Run::
 
     python benchmarks/train_overhead.py                  # MLP, 3.4M params, batch 64 (worst case)
     python benchmarks/train_overhead.py --model cnn      # small CNN, 1.25M params, batch 16
-    python benchmarks/train_overhead.py --ablate         # also kit without EMA / without clipping
+    python benchmarks/train_overhead.py --ablate         # also kit without EMA / without clipping, and
+                                                         # the floors: bare + a copy of the weights every
+                                                         # step (what any every-step EMA must at least
+                                                         # do), bare + gradient norm + copy
     python benchmarks/train_overhead.py --optimizer fused  # AdamW(fused=True): a 6x faster bare step
 
 Why the MLP is the worst case: at batch 64 its step is memory-bound, and an EMA update is one
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import time
 
@@ -98,8 +102,12 @@ class Runner:
 
     def __init__(self, name: str, model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]], accum: int,
                  kit: bool, monitors: bool, clip: float = 1.0, use_clip: bool = True, use_ema: bool = True,
-                 ema_every: int = 1, optimizer: str = "default", stepper: bool = False) -> None:
+                 ema_every: int = 1, optimizer: str = "default", stepper: bool = False,
+                 floor: tuple[str, ...] = ()) -> None:
         self.name, self.model, self.data, self.accum = name, model, data, accum
+        self.floor = floor
+        if "copy" in floor:
+            self.copies = [torch.empty_like(p) for p in model.parameters()]
         self.kit, self.monitors = kit, monitors
         self.clip, self.use_clip, self.use_ema = clip, use_clip, use_ema
         self.clipped: list[bool] = []
@@ -130,9 +138,14 @@ class Runner:
                 x, y = self._batch()
                 loss = self.loss_fn(self.model(x), y)
                 (loss / self.accum if self.accum > 1 else loss).backward()
+            if "norm" in self.floor:  # the read of every gradient that any norm clip needs
+                torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.model.parameters()])))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
+            if "copy" in self.floor:  # the pass over the weights that any every-step average needs
+                with torch.no_grad():
+                    torch._foreach_copy_(self.copies, list(self.model.parameters()))
             return
         if self.stepper is not None:
             for i in range(self.accum):
@@ -239,6 +252,10 @@ def main() -> None:
                    use_ema=False, optimizer=opt),
             Runner("kit-no-clip", clone(), data, args.accum, kit=True, monitors=False, use_clip=False,
                    optimizer=opt),
+            Runner("bare+copy", clone(), data, args.accum, kit=False, monitors=False, optimizer=opt,
+                   floor=("copy",)),
+            Runner("bare+norm+copy", clone(), data, args.accum, kit=False, monitors=False, optimizer=opt,
+                   floor=("norm", "copy")),
         ]
     wall: dict[str, list[float]] = {r.name: [] for r in runners}
     cpu: dict[str, list[float]] = {r.name: [] for r in runners}
@@ -275,6 +292,7 @@ def main() -> None:
     print("\ncomponent costs (median CPU ms per call, called alone: caches warmer than in the loop)")
     for name, ms in time_components(next(r for r in runners if r.monitors), reps=30).items():
         print(f"  {name:<36}{ms:>8.3f}")
+    print("load average at the end:", " ".join(f"{v:.2f}" for v in os.getloadavg()))
     for r in runners:
         if r.monitors:
             r.act_mon.remove()
