@@ -28,6 +28,20 @@ def test_variants_keep_commas_inside_their_flags():
             parse_args(bad)
 
 
+def test_each_run_gets_its_variant_seed_and_the_shared_dataset():
+    from fusion_study import command, parse_args
+
+    args = parse_args(["--out", "o", "--nproc", "2", "--extra", "--epochs 2", "--resume", "auto"])
+    cmd = command(args, ["--targets", "teacher"], 3, Path("o/teacher/seed3"))
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in cmd
+    flags = cmd[cmd.index(str(SCRIPT.parent / "fusion_ddp.py")) + 1:]
+    assert flags == ["--out", "o/teacher/seed3", "--data", "o/data", "--seed", "3", "--targets", "teacher",
+                     "--epochs", "2", "--resume", "auto"]
+    one = command(parse_args(["--nproc", "1", "--smoke"]), [], 0, Path("x"))
+    assert one[:2] == [sys.executable, str(SCRIPT.parent / "fusion_ddp.py")] and one[-1] == "--smoke"
+    assert "--resume" not in one
+
+
 def test_cells_are_the_median_and_quartiles_of_the_runs():
     from fusion_study import cell, table
 
@@ -47,22 +61,20 @@ def test_cells_are_the_median_and_quartiles_of_the_runs():
 def test_smoke_study_runs_each_variant_and_resume_reads_them(tmp_path):
     out = tmp_path / "study"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--variants", "default,teacher", "--seeds", "0",
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--variants", "teacher", "--seeds", "1",
            "--nproc", "1", "--smoke"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for variant, targets in (("default", "set"), ("teacher", "teacher")):
-        config = json.loads((out / variant / "seed0" / "run.json").read_text())
-        assert config["config"]["targets"] == targets and config["config"]["seed"] == 0
-        assert not (out / variant / "seed0" / "data").exists()  # one shared dataset
-    assert (out / "data").is_dir()
+    config = json.loads((out / "teacher" / "seed1" / "run.json").read_text())
+    assert config["config"]["targets"] == "teacher" and config["config"]["seed"] == 1
+    assert (out / "data").is_dir() and not (out / "teacher" / "seed1" / "data").exists()  # the shared dataset
     study = json.loads((out / "study.json").read_text())
-    summary = json.loads((out / "teacher" / "seed0" / "summary.json").read_text())
+    summary = json.loads((out / "teacher" / "seed1" / "summary.json").read_text())
     assert study["runs"]["teacher"][0]["val improving top-1"] == summary["final"]["improving_top1"]
-    assert "| val improving top-1 |" in first.stdout and "default (1 seeds)" in first.stdout
+    assert "| val improving top-1 |" in first.stdout and "teacher (1 seeds)" in first.stdout
 
     again = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("read ") == 2 and "fusion_ddp.py" not in again.stdout
+    assert again.stdout.count("read ") == 1 and "fusion_ddp.py" not in again.stdout
     refused = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # used folders, no --resume
     assert refused.returncode != 0
