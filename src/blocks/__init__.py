@@ -12,7 +12,7 @@ from .graph import GraphAttention, GraphAttentionOutput, add_self_loops, segment
 from .heads import MLP, ConvHead, SideHead
 from .masking import Gathered, downsample_mask, gather_masked, random_mask, scatter_masked
 from .moe import MixtureOfExperts, MoEOutput
-from .norm import GRN, LayerNorm2d, LayerScale, group_norm
+from .norm import GRN, GroupNorm, LayerNorm2d, LayerScale, group_norm
 from .params import count_parameters
 from .posenc import (
     LearnedPositionalEmbedding,
@@ -50,6 +50,7 @@ __all__ = [
     "Gathered",
     "GraphAttention",
     "GraphAttentionOutput",
+    "GroupNorm",
     "HybridUNO",
     "KeyGate",
     "LayerNorm2d",
