@@ -9,10 +9,11 @@ from .film import FiLM
 from .fno import FNOBlock, StableFNOBlock
 from .gates import GateOutput, KeyGate, SoftGate, TopKGate
 from .graph import GraphAttention, GraphAttentionOutput, add_self_loops, segment_softmax
+from .group_norm import GroupNorm, group_norm
 from .heads import MLP, ConvHead, SideHead
 from .masking import Gathered, downsample_mask, gather_masked, random_mask, scatter_masked
 from .moe import MixtureOfExperts, MoEOutput
-from .norm import GRN, GroupNorm, LayerNorm2d, LayerScale, group_norm
+from .norm import GRN, LayerNorm2d, LayerScale
 from .params import count_parameters
 from .posenc import (
     LearnedPositionalEmbedding,

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .norm import group_norm
+from .group_norm import group_norm
 
 __all__ = ["MLP", "ConvHead", "SideHead"]
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._checks import check_float_input, positive_int
 from .film import FiLM
-from .norm import group_norm
+from .group_norm import group_norm
 
 __all__ = ["ResBlock"]
 

@@ -16,8 +16,8 @@ from torch import nn
 from ._checks import check_float_input, positive_int
 from .attention import BottleneckAttention
 from .film import FiLM
+from .group_norm import group_norm
 from .map_attention import CONTEXT_BLOCKS
-from .norm import group_norm
 from .resblock import ResBlock
 
 __all__ = ["DecoderLevel", "EncoderLevel", "UNet"]
