@@ -27,7 +27,8 @@ from .resnet import BasicBlock, ResNet2d, ResNetFeatures, resnet18
 from .router_losses import router_z_loss, switch_balance_loss
 from .spectral import SpectralConv2d
 from .transformer import TransformerBlock
-from .unet import DecoderLevel, EncoderLevel, UNet
+from .unet import UNet
+from .unet_levels import DecoderLevel, EncoderLevel
 from .uno import HybridUNO
 from .vit import ViT2d
 
