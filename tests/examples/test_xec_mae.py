@@ -154,18 +154,20 @@ def ddp_run(tmp_path_factory):
 
 
 def assert_learned(out: Path, drop: float, baseline: float | None = None) -> None:
-    """Every stage's validation loss fell by the fraction ``drop`` from epoch 1 to 2 (fixed validation events and
-    masks: with a no-op optimizer step it stays equal); with ``baseline``, both regressors beat the summary's own
-    "train mean" predictor on the test events: their squared error relative to its, averaged over the 5 targets,
-    is below ``baseline``.
+    """Pretraining's validation loss fell by the fraction ``drop`` from epoch 1 to 2, and each regression stage's
+    fell (fixed validation events and masks: with a no-op optimizer step every one stays equal); with
+    ``baseline``, both regressors beat the summary's own "train mean" predictor on the test events: their squared
+    error relative to its, averaged over the 5 targets, is below ``baseline``.
 
-    Measured over seeds 0-2 with the default flags: validation-loss ratios 0.81-0.95 and baseline ratios
-    0.82-0.93, against 1.0 and 1.11-1.12 with a no-op optimizer step; with fp16 and --accum 2 (2 steps an epoch)
-    validation-loss ratios 0.79-0.95, while the baseline ratio reaches 1.00.
+    Measured over seeds 0-2 with the seed's token head (``--head tokens``): validation-loss ratios 0.81-0.95 and
+    baseline ratios 0.82-0.93, against 1.0 and 1.11-1.12 with a no-op optimizer step; with fp16 and --accum 2
+    (2 steps an epoch) validation-loss ratios 0.79-0.95, while the baseline ratio reaches 1.00. The map head (the
+    default) starts at the light centroid on (u, v): at seed 0 its regression stages' ratios were 0.977-0.986
+    (0.994-0.998 with fp16 and --accum 2) and its baseline ratios 0.57-0.59, so for them only a fall is required.
     """
     for stage in STAGES:
         first, last = (r["val_loss"] for r in read_metrics(out / stage / "metrics.jsonl"))
-        assert last < (1 - drop) * first, (stage, first, last)
+        assert last < (1 - (drop if stage == "pretrain" else 0.0)) * first, (stage, first, last)
     if baseline is not None:
         results = json.loads((out / "summary.json").read_text())["results"]
         mean = results["train mean"]
