@@ -66,7 +66,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from xec.batches import Classical, Split, resolution
+from xec.batches import Classical, Split, channel_dropout, resolution
 from xec.events import TARGET_NAMES, generate
 from xec.geometry import build_geometry
 from xec.heads import HEADS, MapRegressor, TokenRegressor
@@ -343,10 +343,7 @@ def regress(name: str, encoder: XECEncoder, train: Split, val: Split, test: Spli
     device = info.device
 
     def regression_loss(ddp, rows, gen):
-        mask = train.dead.expand(rows.numel(), -1)
-        if args.channel_dropout > 0:  # as if more sensors were dead in this event
-            mask = mask | random_mask(rows.numel(), train.dead.numel(), args.channel_dropout, valid=~mask.cpu(),
-                                      generator=gen).to(device)
+        mask = channel_dropout(train.dead, rows.numel(), args.channel_dropout, gen)  # dead + dropped live sensors
         with autocast(device, args.precision):
             pred = ddp(train.x[rows], mask, train.prior_rows(rows))
         return (pred.float() - train.z[rows]).square().mean()

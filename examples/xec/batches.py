@@ -12,11 +12,13 @@ import math
 
 import torch
 
+from blockyard.blocks import random_mask
+
 from .events import LIGHT_SPEED, R_INNER, TARGET_NAMES, Events, generate
 from .geometry import INNER, Geometry
 from .model import sensor_inputs
 
-__all__ = ["Classical", "Split", "resolution"]
+__all__ = ["Classical", "Split", "channel_dropout", "resolution"]
 
 
 class Split:
@@ -66,6 +68,20 @@ class Split:
                 setattr(self, name, getattr(self, name).to(device))
         self.npho = self.x[:, 0]
         return self
+
+
+def channel_dropout(dead: torch.Tensor, batch: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Training mask ``(batch, 4760)`` (True = masked): the dead sensors plus, in each row, ``round(ratio * live)``
+    live sensors drawn uniformly (``random_mask``), as if they were dead too (``--channel-dropout``).
+
+    Shapes: dead ``(4760,)`` bool; the draw is on the CPU with ``generator``, the result on ``dead``'s device.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio: expected a fraction in [0, 1), got {ratio}")
+    mask = dead.expand(batch, -1)
+    if ratio == 0.0:
+        return mask
+    return mask | random_mask(batch, dead.numel(), ratio, valid=~mask.cpu(), generator=generator).to(dead.device)
 
 
 def resolution(pred: torch.Tensor, true: torch.Tensor) -> dict[str, dict[str, float]]:

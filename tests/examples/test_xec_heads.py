@@ -10,7 +10,8 @@ import run_contract as contract
 import torch
 from gradients import leave_identity_init, without_gradient
 from torchrun_helpers import read_metrics, run_example
-from xec.events import R_INNER, generate
+from xec.batches import channel_dropout
+from xec.events import R_INNER, dead_channels, generate
 from xec.geometry import build_geometry
 from xec.heads import MapRegressor, TokenRegressor, inner_cell_coordinates, soft_argmax
 from xec.model import XECEncoder, sensor_inputs
@@ -123,6 +124,19 @@ def test_map_head_masked_sensors_never_change_the_output(world, one_thread):
     noisy = torch.where(mask.unsqueeze(1), torch.randn_like(x) * 5, x)
     with torch.no_grad():
         torch.testing.assert_close(model(noisy, mask), model(x, mask), rtol=0, atol=0)
+
+
+def test_channel_dropout_keeps_the_dead_and_hides_a_fixed_share_of_the_live_sensors():
+    dead = dead_channels()
+    live = int((~dead).sum())
+    mask = channel_dropout(dead, 5, 0.1, torch.Generator().manual_seed(0))
+    assert mask.shape == (5, 4760) and mask[:, dead].all()
+    assert (mask[:, ~dead].sum(1) == round(0.1 * live)).all()
+    assert not torch.equal(mask[0], mask[1])  # a new draw per event
+    assert torch.equal(mask, channel_dropout(dead, 5, 0.1, torch.Generator().manual_seed(0)))  # resumable
+    assert torch.equal(channel_dropout(dead, 2, 0.0, torch.Generator()), dead.expand(2, -1))
+    with pytest.raises(ValueError, match="ratio"):
+        channel_dropout(dead, 2, 1.0, torch.Generator())
 
 
 @pytest.mark.slow
