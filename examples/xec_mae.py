@@ -42,10 +42,8 @@ time-of-flight-corrected mean time) and both networks.
     torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --labeled 512 --epochs 16 --overwrite
     python examples/xec_mae.py --study labels --label-budgets 256,1024,4096 --seeds 0,1,2 --out /tmp/xec_labels
 
-The default run's first three stages (4096 events, 2 + 2 + 2 epochs of 128 steps of 32 events) took
-about 6 minutes with 2 processes on 2 CPU cores, measured with the seed's head (``--head tokens``);
-the inpainting stage (2 epochs) adds about half of that (one of its steps costs 0.86 pretraining
-steps or 1.7 regression steps, measured interleaved in one process), so about 9 minutes in all.
+The default run (4096 events; pretraining, fine-tuning, scratch and inpainting, 2 epochs of 128
+steps of 32 events each) took 4 min 23 s with 2 processes on 2 CPU cores (the default --head maps).
 fp32 is the default because bf16 autocast measured 2x slower on that CPU. --epochs is the fine-tune
 and scratch epochs, --lr their AdamW lr, --batch-size the global micro-batch (--accum micro-batches
 per optimizer step).
