@@ -187,6 +187,8 @@ def test_smoke_run_with_an_encoding_and_ema_setting_learns_and_reports_them(tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert line in proc.stdout and line in summary["table"]
     assert summary["stages"]["finetune"]["ema_decay_last_step"] == pytest.approx(float(line.split()[-1]))
-    for name in ("pretrain", "finetune", "scratch"):
+    for name in ("pretrain", "finetune", "scratch"):  # as test_xec_mae.assert_learned: the map head starts at
+        # the light centroid, so its regression stages need only fall (a no-op step leaves them equal)
         records = [json.loads(r) for r in (out / name / "metrics.jsonl").read_text().splitlines()]
-        assert records[-1]["val_loss"] < 0.97 * records[0]["val_loss"], (name, records)
+        drop = 0.03 if name == "pretrain" else 0.0
+        assert records[-1]["val_loss"] < (1 - drop) * records[0]["val_loss"], (name, records)
