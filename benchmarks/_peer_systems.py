@@ -23,6 +23,7 @@ from blockyard.blocks import (
     random_mask,
     timestep_embedding,
 )
+from blockyard.data._safetensors import fsync_dir
 from blockyard.train import CheckpointManager
 
 
@@ -147,34 +148,52 @@ def _scratch(name: str) -> str:
     return folder
 
 
-def case_checkpoint_save() -> Case:
+def _checkpoint_setup() -> tuple[nn.Module, CheckpointManager, str, dict]:
+    """A model + AdamW state, our manager in one scratch folder, the peer's file path in another."""
     model, opt = _checkpoint_state()
     manager = CheckpointManager(_scratch("ours"), keep_last=1)
-    path = os.path.join(_scratch("peer"), "ckpt.pt")
-    state = {"model": model, "optimizer": opt}
-    n = count_parameters(model)
-    return Case(f"CheckpointManager.save (UNet {n / 1e6:.1f}M + AdamW)", "torch.save (no fsync, no checksum)",
-                lambda: manager.save(1, state),
-                lambda: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path),
+    return model, manager, os.path.join(_scratch("peer"), "ckpt.pt"), {"model": model, "optimizer": opt}
+
+
+def _plain(state: dict) -> dict:
+    return {name: obj.state_dict() for name, obj in state.items()}
+
+
+def _label(model: nn.Module) -> str:
+    return f"UNet {count_parameters(model) / 1e6:.1f}M + AdamW"
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _peer_load(path: str, state: dict) -> None:
+    loaded = torch.load(path, weights_only=True)
+    for name, obj in state.items():
+        obj.load_state_dict(loaded[name])
+
+
+def case_checkpoint_save() -> Case:
+    model, manager, path, state = _checkpoint_setup()
+    return Case(f"CheckpointManager.save ({_label(model)})", "torch.save (no fsync, no checksum)",
+                lambda: manager.save(1, state), lambda: torch.save(_plain(state), path),
                 "same state (load row checks the round trip)")
 
 
 def case_checkpoint_load() -> Case:
-    model, opt = _checkpoint_state()
-    manager = CheckpointManager(_scratch("ours"), keep_last=1)
-    path = os.path.join(_scratch("peer"), "ckpt.pt")
-    manager.save(1, {"model": model, "optimizer": opt})
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    model, manager, path, state = _checkpoint_setup()
+    manager.save(1, state)
+    torch.save(_plain(state), path)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     m2, o2 = _checkpoint_state()
+    fresh = {"model": m2, "optimizer": o2}
 
     def load_ours() -> None:
-        manager.load_latest({"model": m2, "optimizer": o2})
+        manager.load_latest(fresh)
 
     def load_peer() -> None:
-        state = torch.load(path, weights_only=True)
-        m2.load_state_dict(state["model"])
-        o2.load_state_dict(state["optimizer"])
+        _peer_load(path, fresh)
 
     for fn in (load_ours, load_peer):
         with torch.no_grad():
@@ -183,8 +202,7 @@ def case_checkpoint_load() -> Case:
         fn()
         for k, v in m2.state_dict().items():
             torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
-    n = count_parameters(model)
-    return Case(f"CheckpointManager.load_latest (UNet {n / 1e6:.1f}M + AdamW)", "torch.load + load_state_dict",
+    return Case(f"CheckpointManager.load_latest ({_label(model)})", "torch.load + load_state_dict",
                 load_ours, load_peer, "both restore the weights bit for bit")
 
 
@@ -195,50 +213,35 @@ def _durable_torch_save(obj: object, path: str) -> str:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    with open(tmp, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = _sha256(tmp)
     os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    with open(path, "rb") as f:  # read back and verified before anything older would be deleted
-        if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-            raise RuntimeError(f"{path} fails its checksum")
+    fsync_dir(os.path.dirname(path))
+    if _sha256(path) != digest:  # read back and verified before anything older would be deleted
+        raise RuntimeError(f"{path} fails its checksum")
     return digest
 
 
 def case_checkpoint_save_durable() -> Case:
-    model, opt = _checkpoint_state()
-    manager = CheckpointManager(_scratch("ours"), keep_last=1)
-    path = os.path.join(_scratch("peer"), "ckpt.pt")
-    state = {"model": model, "optimizer": opt}
-    return Case(f"CheckpointManager.save (UNet {count_parameters(model) / 1e6:.1f}M + AdamW)",
-                "torch.save + fsync + sha256 + rename + read-back", lambda: manager.save(1, state),
-                lambda: _durable_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path),
+    model, manager, path, state = _checkpoint_setup()
+    return Case(f"CheckpointManager.save ({_label(model)})", "torch.save + fsync + sha256 + rename + read-back",
+                lambda: manager.save(1, state), lambda: _durable_torch_save(_plain(state), path),
                 "same state, same guarantees")
 
 
 def case_checkpoint_load_verified() -> Case:
-    model, opt = _checkpoint_state()
-    manager = CheckpointManager(_scratch("ours"), keep_last=1)
-    path = os.path.join(_scratch("peer"), "ckpt.pt")
-    manager.save(1, {"model": model, "optimizer": opt})
-    digest = _durable_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    model, manager, path, state = _checkpoint_setup()
+    manager.save(1, state)
+    digest = _durable_torch_save(_plain(state), path)
     m2, o2 = _checkpoint_state()
+    fresh = {"model": m2, "optimizer": o2}
 
     def load_peer() -> None:
-        with open(path, "rb") as f:
-            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-                raise RuntimeError(f"{path} fails its checksum")
-        state = torch.load(path, weights_only=True)
-        m2.load_state_dict(state["model"])
-        o2.load_state_dict(state["optimizer"])
+        if _sha256(path) != digest:
+            raise RuntimeError(f"{path} fails its checksum")
+        _peer_load(path, fresh)
 
-    return Case(f"CheckpointManager.load_latest (UNet {count_parameters(model) / 1e6:.1f}M + AdamW)",
-                "sha256 check + torch.load + load_state_dict",
-                lambda: manager.load_latest({"model": m2, "optimizer": o2}), load_peer, "same state, same guarantees")
+    return Case(f"CheckpointManager.load_latest ({_label(model)})", "sha256 check + torch.load + load_state_dict",
+                lambda: manager.load_latest(fresh), load_peer, "same state, same guarantees")
 
 
 SYSTEM_CASES: dict[str, Callable[[], Case]] = {
