@@ -74,13 +74,26 @@ from fusion.inference_table import (
     search_criteria,
     seed_protocol_row,
 )
-from fusion.search import History, ScoreRequest, Scores, anneal, drive, greedy_search
+from fusion.search import History, ScoreRequest, Scores, SearchGen, anneal, drive, greedy_search
 from fusion.teacher import SCHEDULE, env_from_record, replay_steps
 from fusion.trajectories import format_counts, load_trajectories
 
-__all__ = ["AnnealGuide", "Start", "format_table", "load_checkpoint", "load_test_records", "mid_trajectory_starts",
-           "model_scorer", "record_bound", "run_evaluation", "saved_model_config", "search_criteria",
-           "setting2_records"]
+__all__ = [
+    "AnnealGuide",
+    "Start",
+    "anneal_record",
+    "format_table",
+    "load_checkpoint",
+    "load_test_records",
+    "mid_trajectory_starts",
+    "model_scorer",
+    "record_bound",
+    "record_schedule",
+    "run_evaluation",
+    "saved_model_config",
+    "search_criteria",
+    "setting2_records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +296,21 @@ def _anneal_summary(run) -> dict[str, Any]:
     return {**{k: v for k, v in run._asdict().items() if k != "ops"}, "accepted": len(run.ops)}
 
 
+def record_schedule(record: dict) -> dict[str, float]:
+    """The teacher's annealing schedule of a record (``iters``, ``t_max``, ``t_min``), defaults where it has none."""
+    return {**SCHEDULE, **{k: record[k] for k in SCHEDULE if k in record}}
+
+
+def anneal_record(record: dict, kind: str, budget: int, rng: np.random.Generator,
+                  guide: AnnealGuide) -> SearchGen:
+    """Setting 2's annealing of one record from its initial path: ``kind`` proposals (``search.anneal``'s
+    ``guide``) with the record's schedule stretched over ``budget`` proposals."""
+    schedule = record_schedule(record)
+    return anneal(env_from_record(record), iters=budget, t_max=schedule["t_max"], t_min=schedule["t_min"], rng=rng,
+                  guide=kind, initial_crossings=record["initial_crossings"], target=record["final_crossings"],
+                  **guide._asdict())
+
+
 def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, guide: AnnealGuide,
                     time_ratio: float | None = None) -> list[dict]:
     """Model-guided vs uniform annealing at equal proposals, and uniform at equal time: its budget is
@@ -290,15 +318,11 @@ def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, gu
     CPU seconds of this process (``search.drive``), the wall time of a dedicated core. For reference
     the oracle guide (``search.anneal(guide="oracle")``: improving ops drawn where the model's
     proposals would be) at equal proposals."""
-    schedules = [{**SCHEDULE, **{k: rec[k] for k in SCHEDULE if k in rec}} for rec in records]
-
     def runs(kind: str, key: int, budgets: list[int]):
-        return [anneal(env_from_record(rec), iters=budget, t_max=sch["t_max"], t_min=sch["t_min"],
-                       rng=_rng(seed, key, i), guide=kind, initial_crossings=rec["initial_crossings"],
-                       target=rec["final_crossings"], **guide._asdict())
-                for i, (rec, sch, budget) in enumerate(zip(records, schedules, budgets, strict=True))]
+        return [anneal_record(rec, kind, budget, _rng(seed, key, i), guide)
+                for i, (rec, budget) in enumerate(zip(records, budgets, strict=True))]
 
-    budgets = [iters or sch["iters"] for sch in schedules]
+    budgets = [iters or record_schedule(rec)["iters"] for rec in records]
     model_s, uniform_s, timed_s = [0.0] * len(records), [0.0] * len(records), [0.0] * len(records)
     model_runs = drive(runs("model", 3, budgets), score, clock=model_s)
     uniform_runs = drive(runs("uniform", 4, budgets), clock=uniform_s)

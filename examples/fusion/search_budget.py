@@ -38,9 +38,9 @@ if __package__ in (None, ""):
 from blockyard.train.sweeps import sweep_summary
 from fusion.bound import gap_closed
 from fusion.env import FusionEnv
-from fusion.infer import AnnealGuide, _rng, load_test_records, record_bound, setting2_records
-from fusion.search import anneal, drive
-from fusion.teacher import SCHEDULE, env_from_record
+from fusion.infer import AnnealGuide, _rng, anneal_record, load_test_records, record_bound, setting2_records
+from fusion.search import drive
+from fusion.teacher import env_from_record
 
 #: search -> its random-stream key: for the annealers setting 2's (``infer._anneal_setting``), so 3000
 #: proposals replay setting 2
@@ -86,10 +86,7 @@ def anneal_final(task: tuple[dict, str, int, int, int]) -> int:
     rec, guide, budget, seed, i = task
     if guide == "oracle-ils":
         return oracle_ils(env_from_record(rec), budget, _rng(seed, GUIDES[guide], i))
-    schedule = {**SCHEDULE, **{k: rec[k] for k in SCHEDULE if k in rec}}
-    run = anneal(env_from_record(rec), iters=budget, t_max=schedule["t_max"], t_min=schedule["t_min"],
-                 rng=_rng(seed, GUIDES[guide], i), guide=guide, initial_crossings=rec["initial_crossings"],
-                 **AnnealGuide()._asdict())
+    run = anneal_record(rec, guide, budget, _rng(seed, GUIDES[guide], i), AnnealGuide())
     return drive([run])[0].best
 
 
