@@ -84,7 +84,7 @@ __all__ = [
     "anneal_record",
     "format_table",
     "load_checkpoint",
-    "load_test_records",
+    "load_split_records",
     "mid_trajectory_starts",
     "model_scorer",
     "record_bound",
@@ -170,18 +170,23 @@ def model_scorer(model: torch.nn.Module, *, device: str | torch.device = "cpu",
 
 
 # -- data ---------------------------------------------------------------------------------------
-def load_test_records(data_dir: str | Path) -> list[dict]:
-    """The test split's teacher records (``DIR/splits.json`` run ids, ``DIR/trajectories.jsonl``)."""
+def load_split_records(data_dir: str | Path, split: str = "test") -> list[dict]:
+    """One split's teacher records (``DIR/splits.json`` run ids, ``DIR/trajectories.jsonl``): ``"test"`` for
+    the inference table, ``"val"`` to choose a search's settings without looking at the test grids."""
     data_dir = Path(data_dir)
     splits = json.loads((data_dir / "splits.json").read_text())
-    test = set(splits.get("test", []))
-    if not test:
-        raise ValueError(f"data_dir: {data_dir / 'splits.json'} has no test run ids")
+    if split not in splits:
+        raise ValueError(f"split: expected one of {sorted(splits)} (the splits of {data_dir / 'splits.json'}), "
+                         f"got {split!r}")
+    wanted = set(splits[split])
+    if not wanted:
+        raise ValueError(f"data_dir: {data_dir / 'splits.json'} has no {split} run ids")
     with (data_dir / "trajectories.jsonl").open() as f:
-        records = [rec for rec in map(json.loads, filter(str.strip, f)) if rec["run_id"] in test]
-    missing = test - {rec["run_id"] for rec in records}
+        records = [rec for rec in map(json.loads, filter(str.strip, f)) if rec["run_id"] in wanted]
+    missing = wanted - {rec["run_id"] for rec in records}
     if missing:
-        raise ValueError(f"data_dir: {len(missing)} test run ids not in trajectories.jsonl, e.g. {sorted(missing)[0]}")
+        raise ValueError(f"data_dir: {len(missing)} {split} run ids not in trajectories.jsonl, "
+                         f"e.g. {sorted(missing)[0]}")
     return records
 
 
@@ -395,7 +400,7 @@ def run_evaluation(model: torch.nn.Module, data_dir: str | Path | None, *, n_per
     anneal_n = max(1, n_per_pattern // 2) if anneal_per_pattern is None else anneal_per_pattern
     if smoke:
         n_per_pattern, anneal_n, anneal_iters = min(n_per_pattern, 2), min(anneal_n, 1), min(anneal_iters or 150, 150)
-    records = load_test_records(data_dir) if test_records is None else test_records
+    records = load_split_records(data_dir) if test_records is None else test_records
     by_pattern: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         by_pattern[rec["zone_pattern"]].append(rec)

@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 from blockyard.train.sweeps import sweep_summary
 from fusion.bound import gap_closed
 from fusion.env import FusionEnv
-from fusion.infer import AnnealGuide, _rng, anneal_record, load_test_records, record_bound, setting2_records
+from fusion.infer import AnnealGuide, _rng, anneal_record, load_split_records, record_bound, setting2_records
 from fusion.search import drive
 from fusion.teacher import env_from_record
 
@@ -157,7 +157,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = measure(load_test_records(args.data), args.budgets, args.seeds, args.per_pattern, args.workers,
+    result = measure(load_split_records(args.data), args.budgets, args.seeds, args.per_pattern, args.workers,
                      args.guides)
     print(f"setting 2's searches at more proposals: share of the gap to the region bound closed, median [IQR] over "
           f"selection seeds {args.seeds} ({args.per_pattern} trajectories per pattern; {result['seconds']} s)")

@@ -17,7 +17,7 @@ from fusion.infer import (
     _greedy_setting,
     _seed_protocol_setting,
     format_table,
-    load_test_records,
+    load_split_records,
     mid_trajectory_starts,
     model_scorer,
     run_evaluation,
@@ -358,13 +358,18 @@ def data_dir(tmp_path_factory, records):
     return out
 
 
-def test_load_test_records_reads_only_the_test_split(data_dir, tmp_path):
-    recs = load_test_records(data_dir)
+def test_load_split_records_reads_only_its_split(data_dir, tmp_path):
+    recs = load_split_records(data_dir)
     assert len(recs) == 12 and "train_only" not in {r["run_id"] for r in recs}
+    assert [r["run_id"] for r in load_split_records(data_dir, "train")] == ["train_only"]
+    with pytest.raises(ValueError, match="no val run ids"):
+        load_split_records(data_dir, "val")
+    with pytest.raises(ValueError, match="split: expected one of"):
+        load_split_records(data_dir, "valid")
     (tmp_path / "trajectories.jsonl").write_text("")
     (tmp_path / "splits.json").write_text(json.dumps({"test": ["gone"]}))
     with pytest.raises(ValueError, match="test run ids"):
-        load_test_records(tmp_path)
+        load_split_records(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +401,7 @@ def test_run_evaluation_returns_the_documented_structure(smoke_data, model):
         assert results["setting1"][p]["model_mean_tries"] == results["setting1"][p]["random_mean_tries"] or \
             results["setting1"][p]["random_mean_tries"] < results["setting1"][p]["model_mean_tries"]
         assert results["setting2"][p]["budget"] == 150
-        test_of_pattern = sum(r["zone_pattern"] == p for r in load_test_records(smoke_data))
+        test_of_pattern = sum(r["zone_pattern"] == p for r in load_split_records(smoke_data))
         assert results["setting3"][p]["n"] == min(2, test_of_pattern) and results["setting3"][p]["n"] >= 1
         assert results["setting3"][p]["teacher_mean_reduction"] > 0
         assert results["setting1"][p]["oracle_mean_reduction"] >= 1  # the start has an improving op

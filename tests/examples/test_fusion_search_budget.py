@@ -27,7 +27,7 @@ def test_the_setting_budget_replays_setting_2(data_dir):
     net = FusionNet(widths=(8, 16, 16, 16), rnn_hidden=16)
     for seed in (1,):
         table = infer.run_evaluation(net, data_dir, n_per_pattern=4, seed=seed, settings=(2,))["setting2"]
-        result = search_budget.measure(infer.load_test_records(data_dir), [400], [seed], per_pattern=2, workers=1)
+        result = search_budget.measure(infer.load_split_records(data_dir), [400], [seed], per_pattern=2, workers=1)
         for guide in ("uniform", "oracle"):
             got = result["gap_closed"][guide][400][seed]
             assert set(got) == {*PATTERNS, "overall"}
@@ -36,7 +36,7 @@ def test_the_setting_budget_replays_setting_2(data_dir):
 
 
 def test_table_and_arguments(data_dir):
-    result = search_budget.measure(infer.load_test_records(data_dir), [50, 400], [0, 1], per_pattern=1, workers=1)
+    result = search_budget.measure(infer.load_split_records(data_dir), [50, 400], [0, 1], per_pattern=1, workers=1)
     text = search_budget.format_table(result, [50, 400], [0, 1])
     assert text.splitlines()[0] == "| guide | proposals | islands | left_right | stripes | voronoi | overall |"
     assert len(text.splitlines()) == 2 + 2 * 2 and "| oracle | 400 |" in text
@@ -49,7 +49,7 @@ def test_oracle_ils_descends_by_improving_ops_and_never_passes_the_bound(data_di
     import numpy as np
     from fusion.teacher import env_from_record
 
-    records = infer.load_test_records(data_dir)
+    records = infer.load_split_records(data_dir)
     start = next(s for rec in records for s in infer.mid_trajectory_starts(rec))  # an improving op exists
     env = start.env()
     best_delta = int(env.candidates().delta.min())
