@@ -15,14 +15,17 @@ The run, in stages (each with its own metrics.jsonl and checkpoints under --out)
 2. ``finetune``: regression of (u, v, w, energy, t0), standardised, from the pretrained encoder,
    with an EMA of the weights used for validation and the test (the seed's regressor recipe).
    ``--head maps`` (the default) adds to the seed's token MLP a soft-argmax read-out of the inner
-   face's feature map before pooling (examples/xec/heads.py); ``--prior classical`` makes the network
-   predict a correction to the classical estimates; ``--encoder-lr-scale`` lowers the pretrained
+   face's feature map before pooling (examples/xec/heads.py); ``--prior classical`` (the default)
+   makes the network predict a correction to the calibrated classical estimates (``none``: the network
+   alone); ``--encoder-lr-scale`` lowers the pretrained
    encoder's lr, ``--channel-dropout`` hides extra live sensors in training.
 3. ``scratch`` (``--scratch on``): the same model and recipe from a random init for the same number
    of steps, so the run says whether pretraining helped.
 4. ``inpaint`` (``--inpaint on``, the default): dead-channel inpainting heads (examples/xec/inpaint.py)
    on the frozen pretrained encoder, a CNN per face grid and a graph head per hex face, trained to
-   predict npho and time of randomly hidden live sensors. Scored on the test events with random masks
+   predict npho and time of randomly hidden live sensors, as a correction to a blend of the two
+   classical fill-ins whose weight per face and channel is fitted on the training events by least
+   squares before training (the untrained heads are that blend). Scored on the test events with random masks
    and with the detector's dead-channel map (events simulated with every sensor alive, so the truth
    behind the dead channels is known), per face, against the average of the visible neighbours and the
    face mean on the same sensors.
@@ -66,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from xec.batches import Classical, Split, channel_dropout, resolution
 from xec.events import TARGET_NAMES, generate
-from xec.geometry import build_geometry
+from xec.geometry import FACE_NAMES, build_geometry
 from xec.heads import HEADS, MapRegressor, TokenRegressor
 from xec.inpaint import XECInpainter, inpaint_loss, masked_batch
 from xec.inpaint_eval import evaluate_batch, expected_truth, format_table, plot_face_maps, summarise
@@ -129,9 +132,9 @@ def parse_args(argv=None):
     p.add_argument("--head", choices=HEADS, default="maps",
                    help="regression head: tokens (the seed's MLP on the 7 fused tokens) or maps (also a soft-argmax "
                         "read-out of the inner face's feature map, before pooling; default maps)")
-    p.add_argument("--prior", choices=("none", "classical"), default="none",
-                   help="classical: the calibrated classical estimates are an input and the base of the output, the "
-                        "network predicts a correction to them (default none: the network alone)")
+    p.add_argument("--prior", choices=("none", "classical"), default="classical",
+                   help="classical (the default): the calibrated classical estimates are an input and the base of "
+                        "the output, the network predicts a correction to them; none: the network alone")
     p.add_argument("--scratch", choices=("on", "off"), default="on",
                    help="stage 3, the from-scratch control (default on)")
     p.add_argument("--encoder-lr-scale", type=float, default=1.0,
@@ -478,6 +481,12 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed + 3)
         inpainter = XECInpainter(copy.deepcopy(mae.encoder), geometry, hidden=args.inpaint_hidden).to(device)
         val_masks = inpaint_masks(val.n, val.dead, args.inpaint_mask_ratio, 20_000 + args.seed, device)
+        # the heads start as the better blend of the two classical fill-ins per face and channel, fitted on the
+        # training events under masks like the training's (the same on every rank)
+        calib = inpaint_masks(unlabeled.n, unlabeled.dead, args.inpaint_mask_ratio, 10_000 + args.seed, device)
+        blend = inpainter.calibrate(unlabeled.x, calib | unlabeled.dead, calib)
+        say("inpaint: face-mean weight of the fill-in (npho, time): "
+            + ", ".join(f"{face} {a:.2f} {b:.2f}" for face, (a, b) in zip(FACE_NAMES, blend.tolist())))
 
         def inpaint_step(ddp, rows, gen):
             hidden = random_mask(rows.numel(), unlabeled.dead.numel(), args.inpaint_mask_ratio,

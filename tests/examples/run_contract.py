@@ -62,9 +62,9 @@ def assert_refused(script: Path, out: Path, *extra: str, match: str, nproc: int 
     return text
 
 
-def check_used_out_is_refused(script: Path, out: Path) -> None:
+def check_used_out_is_refused(script: Path, out: Path, *extra: str) -> None:
     """Second run without --resume/--overwrite: refused, earlier run byte-identical."""
-    assert_refused(script, out, match="holds an earlier run")
+    assert_refused(script, out, *extra, match="holds an earlier run")
 
 
 def check_changed_config_is_refused(script: Path, out: Path, *flag: str, key: str) -> None:
@@ -72,7 +72,7 @@ def check_changed_config_is_refused(script: Path, out: Path, *flag: str, key: st
     assert_refused(script, out, "--resume", "auto", *flag, match=key)
 
 
-def check_damaged_checkpoints_are_refused(script: Path, out: Path) -> None:
+def check_damaged_checkpoints_are_refused(script: Path, out: Path, *extra: str) -> None:
     """Every checkpoint truncated + ``--resume auto``: refused naming them, nothing changed."""
     damaged = 0
     for manifest in out.rglob("manifest.json"):
@@ -80,13 +80,13 @@ def check_damaged_checkpoints_are_refused(script: Path, out: Path) -> None:
             f.write_bytes(f.read_bytes()[:-17])
             damaged += 1
     assert damaged, f"no checkpoint found under {out}"
-    assert_refused(script, out, "--resume", "auto", match="damaged")
+    assert_refused(script, out, "--resume", "auto", *extra, match="damaged")
 
 
-def check_overwrite_keeps_the_old_run(script: Path, out: Path) -> None:
+def check_overwrite_keeps_the_old_run(script: Path, out: Path, *extra: str) -> None:
     """``--overwrite`` moves the earlier run into OUT/previous/<stamp>/ byte-identical, and starts anew."""
     before = snapshot(out)
-    code, text = run(script, out, "--overwrite")
+    code, text = run(script, out, "--overwrite", *extra)
     assert code == 0, text[-3000:]
     aside = [p for p in (out / "previous").iterdir()]
     assert len(aside) == 1, aside

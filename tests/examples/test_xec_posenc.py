@@ -183,7 +183,7 @@ def test_rope_and_alibi_reach_every_fusion_block(geometry, one_thread):
 ])
 def test_smoke_run_with_an_encoding_and_ema_setting_learns_and_reports_them(tmp_path, extra, line):
     out = tmp_path / "run"
-    proc = run_example(SCRIPT, out, *extra, nproc=1)
+    proc = run_example(SCRIPT, out, *extra, "--prior", "none", nproc=1)  # learning: see test_xec_mae.NETWORK_ALONE
     summary = json.loads((out / "summary.json").read_text())
     assert line in proc.stdout and line in summary["table"]
     assert summary["stages"]["finetune"]["ema_decay_last_step"] == pytest.approx(float(line.split()[-1]))
