@@ -250,6 +250,9 @@ def test_search_criteria_judge_setting2_against_the_ceiling_and_the_gap():
     assert judge(0.95, 0.9, none)[:2] == ["FAIL", "FAIL"]
     assert judge(0.95, 0.9, {**good, "overall": row(0.84, 0.55, improved=0.5)})[1] == "FAIL"
     assert judge(0.95, 0.9, {**good, "overall": row(0.79, 0.55)})[2] == "FAIL"
+    goal = search_criteria([{"improving_top1": 0.9}], {"setting2": {
+        **good, "overall": {**row(0.53, 0.5), "oracle_gap_closed": 0.56}}})[2]
+    assert goal["result"] == "FAIL" and "gap closed 53% (teacher 50%; oracle guide 56%" in goal["measured"]
     assert judge(None, None, good) == ["N/A", "N/A", "N/A"]  # a run from before the ceiling was measured
     assert [c["result"] for c in search_criteria([{}], None)] == ["N/A"] * 3
     assert [c["stage"] for c in search_criteria([{}], None)] == [3, 4, "goal"]
