@@ -22,6 +22,7 @@ over uniform's. The chosen guide wins the most patterns, then closes the most of
     python examples/fusion/guide_sweep.py --data runs/fusion_study/data \\
         --checkpoints runs/fusion_study/default/seed0/checkpoints,runs/fusion_study/default/seed1/checkpoints
     python examples/fusion/guide_sweep.py --data DATA --checkpoints CKPT --temperatures 1,4 --explore 0.5,0.75
+    python examples/fusion/guide_sweep.py --data DATA --combine a.json,b.json
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from fusion.infer import (
 )
 from fusion.search import drive
 
-__all__ = ["choose", "format_table", "sweep"]
+__all__ = ["choose", "combine", "format_table", "sweep"]
 
 
 def _stream(seed: int, key: int, i: int, repeat: int) -> np.random.Generator:
@@ -153,7 +154,7 @@ def _floats(text: str, flag: str, parser: argparse.ArgumentParser) -> list[float
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a FusionNet dataset folder")
-    p.add_argument("--checkpoints", required=True,
+    p.add_argument("--checkpoints", default="",
                    help="comma-separated checkpoints folders (or step_* checkpoints), one per training seed")
     p.add_argument("--split", default="val", help="the dataset split whose trajectories are annealed (default val)")
     p.add_argument("--per-pattern", type=int, default=1_000_000, help="trajectories per zone pattern (default all)")
@@ -163,6 +164,9 @@ def parse_args(argv=None):
     p.add_argument("--explore", default=f"{defaults.explore_prob}", help="shares of uniform proposals of the grid")
     p.add_argument("--model-start", default=f"{defaults.model_start}", help="uniform hot-start shares of the grid")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--combine", default=None, metavar="A.json,B.json",
+                   help="print the table of earlier --json results together (e.g. one per checkpoint, run apart; "
+                        "the same grid) instead of running")
     args = p.parse_args(argv)
     args.checkpoints = [Path(c) for c in args.checkpoints.split(",") if c.strip()]
     grid = itertools.product(_floats(args.explore, "--explore", p), _floats(args.temperatures, "--temperatures", p),
@@ -170,7 +174,7 @@ def parse_args(argv=None):
     args.guides = {f"explore {e:g}, T {t:g}, start {s:g}": defaults._replace(explore_prob=e, model_temperature=t,
                                                                              model_start=s)
                    for e, t, s in grid}
-    if not args.checkpoints or not args.guides or args.per_pattern < 1:
+    if (not args.checkpoints and not args.combine) or not args.guides or args.per_pattern < 1:
         p.error("--checkpoints, the guide grid: expected at least one each; --per-pattern: expected >= 1")
     return args
 
@@ -183,12 +187,30 @@ def checkpoint_seed(checkpoint: Path, fallback: int) -> int:
     return fallback
 
 
+def combine(results: list[dict]) -> dict:
+    """Several :func:`sweep` results of the same guides as one: their checkpoints' rows and seconds together."""
+    names = [set(r) - {"seconds", "chosen", "guides"} for r in results]
+    if any(n != names[0] for n in names):
+        raise ValueError(f"results: expected the same guides in every result, got {[sorted(n) for n in names]}")
+    out: dict = {name: [row for r in results for row in r[name]] for name in names[0]}
+    out["seconds"] = {name: sum(r["seconds"][name] for r in results) for name in names[0]}
+    return out
+
+
 def main(argv=None) -> None:
     import torch
 
     from fusion.model import FusionNet
 
     args = parse_args(argv)
+    if args.combine:
+        saved = [json.loads(Path(f).read_text()) for f in args.combine.split(",")]
+        result = combine(saved)
+        guides = {n: AnnealGuide(**g) for n, g in saved[0]["guides"].items()}
+        print(f"{len(saved)} sweep results, {len(result['uniform'])} (checkpoint, stream) pairs")
+        print(format_table(result, guides))
+        print(f"chosen: {choose(result, guides)}")
+        return
     torch.manual_seed(0)
     scorers = []
     for k, ckpt in enumerate(args.checkpoints):

@@ -52,6 +52,10 @@ def test_repeats_add_streams_and_every_guide_meets_the_same_uniform_runs(data_di
     assert two["a"][0] == one["a"][0]
     assert two["uniform"][1] != two["uniform"][0]  # another stream, another run
     assert set(two["seconds"]) == {"uniform", "a", "b"} and min(two["seconds"].values()) > 0
+    both = guide_sweep.combine([one, json.loads(json.dumps(two))])  # as read back from --json files
+    assert both["a"] == one["a"] + two["a"] and both["seconds"]["b"] == one["seconds"]["b"] + two["seconds"]["b"]
+    with pytest.raises(ValueError, match="the same guides"):
+        guide_sweep.combine([one, {k: v for k, v in two.items() if k != "b"}])
     text = guide_sweep.format_table(two, guides)
     assert text.splitlines()[0].startswith("| guide | islands (points) |") and len(text.splitlines()) == 5
 
@@ -83,9 +87,11 @@ def test_arguments_and_the_checkpoint_seed(tmp_path):
                                    "0.5,0.75"])
     assert len(args.guides) == 4 and args.split == "val"
     assert args.guides["explore 0.75, T 4, start 0.5"] == infer.AnnealGuide(explore_prob=0.75, model_temperature=4.0)
-    for bad in (["--temperatures", "x"], ["--per-pattern", "0"], ["--temperatures", ""]):
+    assert guide_sweep.parse_args(["--data", "d", "--combine", "a.json"]).combine == "a.json"
+    for bad in (["--temperatures", "x"], ["--per-pattern", "0"], ["--temperatures", ""], ["--checkpoints", ""]):
         with pytest.raises(SystemExit):
-            guide_sweep.parse_args(["--data", "d", "--checkpoints", "a", *bad])
+            guide_sweep.parse_args(["--data", "d", "--checkpoints", "a", *bad] if bad[0] != "--checkpoints"
+                                   else ["--data", "d", *bad])
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     assert guide_sweep.checkpoint_seed(run / "checkpoints", 7) == 7
