@@ -7,12 +7,18 @@ vectorised masked gather) of the project's notes on it record it. Differences, e
 - The heads also read the encoder's last feature maps / node features (upsampled to the sensor
   grid), not the token alone, and an explicit visibility channel (the seed's in-band sentinel
   cannot be told from a valid value, notes §2.6).
-- Each head's output is a *correction* to the classical fill-in of :mod:`xec.baselines` (the
-  average of the visible neighbours, the face mean where none is visible), which is also an
-  input channel: the last layer is zero at init, so an untrained head is exactly that baseline
-  and training has to find what interpolation misses (the peak's curvature, the light pattern
-  of the event, the npho-dependent time noise). Without it a CNN has to learn a normalised
-  convolution (a division by the visible count) from scratch.
+- Each head's output is a *correction* to a calibrated classical fill-in: per face and channel a
+  blend ``f = n + a (m - n)`` of the two fill-ins of :mod:`xec.baselines` (``n`` the average of
+  the visible neighbours, the face mean where none is visible; ``m`` the face mean), with the
+  weight ``a`` in [0, 1] fitted in closed form by least squares on training events
+  (:meth:`XECInpainter.calibrate`; ``a = 0``, the neighbour average, until then). Both fill-ins
+  are also input channels. The last layers are zero at init, so an untrained head is exactly
+  that blend, on the training events at least as good as the better of the two baselines on each
+  face and channel (the time of the inner face is closer to the face mean than to its
+  neighbours' average, the npho the other way round), and training has to find what
+  interpolation misses (the peak's curvature, the light pattern of the event, the
+  npho-dependent time noise). Without it a CNN has to learn a normalised convolution (a division
+  by the visible count) from scratch.
 - Predictions are gathered at the requested sensors only with
   :func:`blockyard.blocks.gather_masked` (one cumulative sum and one scatter per face, no loop
   over the batch) into one padded batch over all faces.
@@ -35,18 +41,31 @@ from .geometry import N_SENSORS, Geometry
 from .model import IN_CHANNELS, XECEncoder
 
 __all__ = ["CONTEXT", "FaceInpaintingHead", "HexInpaintingHead", "InpaintBatch", "InpaintLoss", "InpaintOutput",
-           "XECInpainter", "inpaint_loss", "masked_batch", "sensor_context", "to_sensors"]
+           "XECInpainter", "blend_sums", "blend_weights", "inpaint_loss", "masked_batch", "sensor_context",
+           "to_sensors"]
 
 CONTEXT = ("npho", "time", "time_valid", "visible", "fill_npho", "fill_time", "mean_npho", "mean_time")
 
 
-def sensor_context(x: torch.Tensor, mask: torch.Tensor, face: torch.Tensor,
-                   edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sensor head inputs ``(B, 8, 4760)`` (channels ``CONTEXT``) and the fill-in ``(B, 2, 4760)``.
+def sensor_context(x: torch.Tensor, mask: torch.Tensor, face: torch.Tensor, edges: torch.Tensor,
+                   blend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-sensor head inputs ``(B, 8, 4760)`` (channels ``CONTEXT``) and the fill-in ``(B, 2, 4760)``.
 
     Every channel is a function of the visible sensors only: the inputs zeroed where ``mask`` (True =
-    masked), the visibility flag, the neighbour-average fill-in and the face mean of npho and of the
-    visible valid times. ``x`` is ``(B, 3, 4760)`` from :func:`xec.model.sensor_inputs`.
+    masked), the visibility flag, the neighbour-average fill-in ``n`` and the face mean ``m`` of npho and
+    of the visible valid times. The fill-in is :math:`f_c = n_c + a_{\phi c} (m_c - n_c)` with
+    :math:`\phi` the sensor's face.
+
+    Args:
+        x: inputs from :func:`xec.model.sensor_inputs`.
+        mask: bool, True = masked.
+        face: ``Geometry.face``; edges: from :func:`xec.baselines.neighbour_graph`.
+        blend: weights :math:`a` of the face mean per face and channel (:func:`blend_weights`); None = 0
+            (the neighbour average).
+
+    Shapes:
+        - x ``(B, 3, 4760)``; mask ``(B, 4760)``; face ``(4760,)``; blend ``(faces, 2)``
+        - output: context ``(B, 8, 4760)``, fill ``(B, 2, 4760)``
     """
     visible = ~mask
     seen = x.masked_fill(mask.unsqueeze(1), 0.0)
@@ -54,7 +73,44 @@ def sensor_context(x: torch.Tensor, mask: torch.Tensor, face: torch.Tensor,
     time = fill_in(seen[:, 1], visible & (seen[:, 2] > 0.5), face, edges)
     context = torch.stack([*seen.unbind(1), visible.to(x.dtype), npho.neighbours, time.neighbours,
                            npho.face_mean, time.face_mean], 1)
-    return context, torch.stack([npho.neighbours, time.neighbours], 1)
+    neighbours, mean = context[:, 4:6], context[:, 6:8]
+    if blend is None:
+        return context, neighbours
+    return context, neighbours + blend[face].T.to(x.dtype) * (mean - neighbours)
+
+
+def blend_sums(x: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, face: torch.Tensor, edges: torch.Tensor,
+               faces: int) -> torch.Tensor:
+    r"""Sufficient statistics of the blend fit on one batch, float64: per face and channel
+    :math:`\sum d r` and :math:`\sum d^2` over the scored targets, with :math:`d = m - n` (face mean minus
+    neighbour average, both from the visible sensors) and :math:`r = y - n` (truth minus neighbour average).
+
+    Shapes: x ``(B, 3, 4760)`` full inputs (the truth at ``targets`` is read from it, as in
+    :func:`masked_batch`); mask, targets ``(B, 4760)`` bool (True = masked / to score); output ``(faces, 2, 2)``
+    (face, channel, [sum d r, sum d^2]).
+    """
+    batch = masked_batch(x, mask, targets)
+    context, _ = sensor_context(batch.x, batch.mask, face, edges)
+    neighbours, mean = context[:, 4:6].double(), context[:, 6:8].double()
+    scored = batch.scored.transpose(1, 2)  # (B, 2, 4760)
+    d = torch.where(scored, mean - neighbours, 0.0)
+    r = torch.where(scored, batch.truth.transpose(1, 2).double() - neighbours, 0.0)
+    per_sensor = torch.stack([(d * r).sum(0), d.square().sum(0)], -1)  # (2, 4760, 2)
+    return per_sensor.new_zeros(faces, 2, 2).index_add_(0, face, per_sensor.transpose(0, 1))
+
+
+def blend_weights(sums: torch.Tensor) -> torch.Tensor:
+    r"""Least-squares weight of the face mean per face and channel, clipped to [0, 1]:
+    :math:`a = \mathrm{clip}(\sum d r / \sum d^2, 0, 1)` minimises :math:`\sum (n + a d - y)^2`
+    (:func:`blend_sums`); the squared error is convex in ``a``, so the clipped optimum is no worse than
+    either end, the neighbour average (``a = 0``) or the face mean (``a = 1``). 0 where :math:`\sum d^2 = 0`.
+
+    Shapes: sums ``(faces, 2, 2)``; output ``(faces, 2)`` float32.
+    """
+    if sums.dim() != 3 or sums.shape[1:] != (2, 2):
+        raise ValueError(f"sums: expected (faces, 2, 2), got {tuple(sums.shape)}")
+    cross, square = sums.unbind(-1)
+    return torch.where(square > 0, cross / square.clamp_min(1e-300), 0.0).clamp(0.0, 1.0).float()
 
 
 def _nonnegative_npho(pred: torch.Tensor, dim: int) -> torch.Tensor:
@@ -72,10 +128,12 @@ class FaceInpaintingHead(nn.Module):
 
     with ``c`` the :data:`CONTEXT` maps, ``e`` the encoder's half-resolution features (nearest
     upsampling, cropped), ``t`` the face's fused token, ``B^d`` ``depth`` unmasked ConvNeXt-V2
-    blocks, ``f`` the fill-in, ``S`` a 1 x 1 linear skip from the context (it can blend the
-    fill-in with the face mean exactly, which the normalised path can only approximate) and ``S``,
-    ``W_out`` zero at init (the head starts as the fill-in). The npho channel is clamped at 0 (a
-    square root of a count; the fill-in is never negative, so the head is still the fill-in at init).
+    blocks, ``f`` the calibrated fill-in (:func:`sensor_context`: per face and channel a least-squares blend
+    of the neighbour average and the face mean), ``S`` a 1 x 1 linear skip from the context (it can
+    re-blend the two fill-ins per event pattern exactly, which the normalised path can only
+    approximate) and ``S``, ``W_out`` zero at init: the untrained head returns ``f`` exactly. The npho
+    channel is clamped at 0 (a square root of a count; ``f`` is a convex blend of two averages of
+    non-negative values, never negative, so the head is still ``f`` at init).
 
     Shapes:
         - context: ``(B, 8, H, W)``; features: ``(B, feature_dim, ceil(H/2), ceil(W/2))``;
@@ -124,8 +182,9 @@ class HexInpaintingHead(nn.Module):
         h \mathrel{+}= \mathrm{MLP}(\mathrm{LN}\,h), \quad y = f + S c + W_{out}\,\mathrm{LN}(h)
 
     with ``c`` the :data:`CONTEXT` values of the nodes, ``n`` the encoder's node features, ``t`` the
-    face's fused token, ``p`` a learned node embedding, ``f`` the fill-in, ``S`` a linear skip from
-    the context; ``S`` and ``W_out`` are zero at init; npho clamped at 0 as in :class:`FaceInpaintingHead`.
+    face's fused token, ``p`` a learned node embedding, ``f`` the calibrated fill-in (as in
+    :class:`FaceInpaintingHead`), ``S`` a linear skip from the context; ``S`` and ``W_out`` are zero at
+    init (the untrained head returns ``f`` exactly); npho clamped at 0 as in :class:`FaceInpaintingHead`.
 
     Shapes:
         - context: ``(B, V, 8)``; nodes: ``(B, V, node_dim)``; token: ``(B, token_dim)``;
@@ -169,9 +228,9 @@ class HexInpaintingHead(nn.Module):
 
 class InpaintOutput(NamedTuple):
     """Predictions at the requested sensors of every face, packed: ``values (B, M, 2)`` (npho, time,
-    normalised), ``fill (B, M, 2)`` the fill-in baseline at the same entries, ``sensor (B, M)`` sensor
-    ids, ``valid (B, M)`` (True = a real entry, False = padding; values and fill are 0 there). A sensor
-    on two grids (12 outer PMTs) appears once per grid."""
+    normalised), ``fill (B, M, 2)`` the calibrated fill-in (the untrained heads' output) at the same entries,
+    ``sensor (B, M)`` sensor ids, ``valid (B, M)`` (True = a real entry, False = padding; values and fill are 0
+    there). A sensor on two grids (12 outer PMTs) appears once per grid."""
 
     values: torch.Tensor
     fill: torch.Tensor
@@ -189,6 +248,10 @@ class XECInpainter(nn.Module):
     masked: dead and hidden sensors) applied; predictions are gathered at ``targets`` (default
     ``mask``), e.g. the hidden live sensors whose truth is known.
 
+    Every head corrects the calibrated fill-in of :func:`sensor_context` with the buffer ``blend``
+    ``(faces, 2)``, the face mean's weight per face and channel: 0 (the neighbour average) at
+    construction, set by :meth:`calibrate` on training events before training, saved in the state dict.
+
     Shapes: x ``(B, 3, 4760)``, mask and targets ``(B, 4760)`` bool, output :class:`InpaintOutput`.
     """
 
@@ -200,6 +263,7 @@ class XECInpainter(nn.Module):
             encoder.requires_grad_(False)
         self.register_buffer("face", geometry.face.clone(), persistent=False)
         self.register_buffer("edges", neighbour_graph(geometry), persistent=False)
+        self.register_buffer("blend", torch.zeros(int(geometry.face.max()) + 1, 2))
         for name in GRID_FACES:
             self.register_buffer(f"map_{name}", getattr(geometry, name).index_map.clone(), persistent=False)
         self.register_buffer("hex_ids", torch.stack([geometry.top_ids, geometry.bottom_ids]), persistent=False)
@@ -214,6 +278,20 @@ class XECInpainter(nn.Module):
             self.encoder.eval()
         return self
 
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Fit ``blend`` (:func:`blend_weights`) on the events ``x`` with ``mask`` applied, scored at ``targets``
+        (e.g. training events with the training's random masks), in chunks of ``chunk`` events; returns it.
+
+        Shapes: x ``(N, 3, 4760)`` full inputs; mask, targets ``(N, 4760)`` bool, True = masked / to score.
+        """
+        sums = torch.zeros(*self.blend.shape, 2, dtype=torch.float64, device=self.blend.device)
+        for i in range(0, x.shape[0], chunk):
+            sums += blend_sums(x[i:i + chunk], mask[i:i + chunk], targets[i:i + chunk], self.face, self.edges,
+                               self.blend.shape[0])
+        self.blend.copy_(blend_weights(sums))
+        return self.blend
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None = None) -> InpaintOutput:
         targets = mask if targets is None else targets
         if x.dim() != 3 or x.shape[1:] != (IN_CHANNELS, N_SENSORS):
@@ -223,7 +301,7 @@ class XECInpainter(nn.Module):
                 raise ValueError(f"{name}: expected bool ({x.shape[0]}, {N_SENSORS}), got {m.dtype} {tuple(m.shape)}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             enc = self.encoder(x, mask)
-        context, fill = sensor_context(x, mask, self.face, self.edges)
+        context, fill = sensor_context(x, mask, self.face, self.edges, self.blend)
         parts = []  # per face: (values, fill, sensor, valid), packed by gather_masked
         for k, name in enumerate(GRID_FACES):
             index = getattr(self, f"map_{name}")

@@ -17,6 +17,8 @@ from xec.inpaint import (
     FaceInpaintingHead,
     HexInpaintingHead,
     XECInpainter,
+    blend_sums,
+    blend_weights,
     inpaint_loss,
     masked_batch,
     sensor_context,
@@ -49,6 +51,7 @@ def model(world):
     torch.manual_seed(0)
     inpainter = XECInpainter(XECEncoder(world[0], **TINY), world[0], hidden=8).eval()
     leave_identity_init(inpainter, std=0.3)  # zero-init outputs and skips: every branch must carry signal
+    inpainter.blend.copy_(torch.rand(inpainter.blend.shape, generator=torch.Generator().manual_seed(3)))
     return inpainter
 
 
@@ -147,6 +150,68 @@ def test_heads_are_the_fill_in_at_init_and_have_the_right_shapes(world):
               world[0].hex_edge_index)
 
 
+def naive_fill_ins(x, mask, geometry):
+    """Neighbour average and face mean ``(B, 4760, 2)`` of the visible inputs (visible valid times for the time)."""
+    edges, visible = neighbour_graph(geometry), ~mask
+    seen = x.masked_fill(mask.unsqueeze(1), 0.0)
+    npho = fill_in(seen[:, 0], visible, geometry.face, edges)
+    time = fill_in(seen[:, 1], visible & (seen[:, 2] > 0.5), geometry.face, edges)
+    return torch.stack([npho.neighbours, time.neighbours], -1), torch.stack([npho.face_mean, time.face_mean], -1)
+
+
+def test_blend_weights_equal_a_naive_least_squares_solve(world):
+    """Per face and channel, the face mean's weight equals ``torch.linalg.lstsq`` of ``y - n`` on ``m - n`` over the
+    scored targets (clipped to [0, 1]), and the blend's squared error is no larger than either fill-in's."""
+    geometry, events, x = world
+    hidden, mask = hidden_and_mask(events, ratio=0.3)
+    weights = blend_weights(blend_sums(x, mask, hidden, geometry.face, neighbour_graph(geometry), len(FACE_NAMES)))
+    neighbours, mean = naive_fill_ins(x, mask, geometry)
+    truth, scored = x[:, :2].transpose(1, 2), torch.stack([hidden, hidden & (x[:, 2] > 0.5)], -1)
+    inside = 0
+    for f in range(len(FACE_NAMES)):
+        for c in range(2):
+            keep = scored[..., c] & (geometry.face == f)
+            n, m, y = neighbours[..., c][keep].double(), mean[..., c][keep].double(), truth[..., c][keep].double()
+            solve = float(torch.linalg.lstsq((m - n)[:, None], (y - n)[:, None]).solution)
+            assert float(weights[f, c]) == pytest.approx(min(max(solve, 0.0), 1.0), abs=1e-6), (f, c)
+            inside += 0 < solve < 1
+            error = [float((n + a * (m - n) - y).square().sum()) for a in (float(weights[f, c]), 0.0, 1.0)]
+            assert error[0] <= min(error[1:]) + 1e-9, (f, c, error)
+    assert inside >= 6  # most weights are a real blend, not a clipped end
+    assert torch.equal(blend_weights(torch.zeros(6, 2, 2)), torch.zeros(6, 2))  # no scored entry: the neighbours
+    with pytest.raises(ValueError, match="sums: expected"):
+        blend_weights(torch.zeros(6, 2))
+
+
+def test_untrained_inpainter_is_the_calibrated_fill_in(world, one_thread):
+    """``calibrate`` (in chunks) sets the blend fitted on all its events at once; the untrained inpainter then returns
+    ``n + a[face] (m - n)`` exactly at every target, a zero blend before; the blend travels in the state dict."""
+    geometry, events, x = world
+    torch.manual_seed(0)
+    model = XECInpainter(XECEncoder(geometry, **TINY), geometry, hidden=8).eval()
+    hidden, mask = hidden_and_mask(events, ratio=0.3)
+    test_hidden, test_mask = hidden_and_mask(events, ratio=0.1, seed=2)
+    batch = masked_batch(x, test_mask, test_hidden)
+    neighbours, mean = naive_fill_ins(batch.x, test_mask, geometry)
+    with torch.no_grad():
+        before = model(batch.x, batch.mask, batch.targets)
+        blend = model.calibrate(x, mask, hidden, chunk=2)
+        out = model(batch.x, batch.mask, batch.targets)
+    whole = blend_weights(blend_sums(x, mask, hidden, geometry.face, model.edges, len(FACE_NAMES)))
+    torch.testing.assert_close(blend, whole, rtol=1e-6, atol=0)
+    assert torch.equal(model.blend, blend) and ((blend > 0.05) & (blend < 0.95)).any()
+    rows = torch.arange(3)[:, None].expand_as(out.sensor)
+    expected = neighbours + blend[geometry.face] * (mean - neighbours)
+    for got, fill in ((out, expected), (before, neighbours)):
+        keep = got.valid
+        torch.testing.assert_close(got.values[keep], fill[rows[keep], got.sensor[keep]], rtol=0, atol=1e-6)
+        assert torch.equal(got.values, got.fill)
+    assert not torch.allclose(out.values[out.valid], before.values[before.valid])
+    fresh = XECInpainter(XECEncoder(geometry, **TINY), geometry, hidden=8).eval()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.blend, blend)
+
+
 def test_every_head_parameter_learns_and_the_frozen_encoder_does_not(world, model, one_thread):
     _, events, x = world
     hidden, mask = hidden_and_mask(events)
@@ -175,7 +240,7 @@ def test_packed_predictions_equal_a_per_sample_loop(world, model, one_thread):
         for b in range(3):
             xb, mb, tb = batch.x[b:b + 1], batch.mask[b:b + 1], batch.targets[b]
             enc = model.encoder(xb, mb)
-            context, fill = sensor_context(xb, mb, model.face, model.edges)
+            context, fill = sensor_context(xb, mb, model.face, model.edges, model.blend)
             expected = []
             for k, name in enumerate(GRID_FACES):
                 index = getattr(model, f"map_{name}")
