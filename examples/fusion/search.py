@@ -320,7 +320,7 @@ def proposal_prior(scores: Scores, *, temperature: float = 1.0) -> np.ndarray:
 
 def anneal(env: FusionEnv, *, iters: int, t_max: float, t_min: float, rng: np.random.Generator,
            guide: str = "uniform", history: History | None = None, initial_crossings: int | None = None,
-           explore_prob: float = 0.5, model_temperature: float = 1.0, model_every: int = 100,
+           explore_prob: float = 0.5, model_temperature: float = 4.0, model_every: int = 100,
            requery: str = "proposals", model_start: float = 0.5, target: int | None = None) -> SearchGen:
     r"""Simulated annealing with the teacher's schedule (``teacher.temperature``) and acceptance.
 

@@ -43,7 +43,7 @@ def test_the_default_guide_on_the_test_split_replays_setting_2(data_dir, net):
 
 
 def test_repeats_add_streams_and_every_guide_meets_the_same_uniform_runs(data_dir, net):
-    guides = {"a": infer.AnnealGuide(), "b": infer.AnnealGuide(model_temperature=4.0)}
+    guides = {"a": infer.AnnealGuide(), "b": infer.AnnealGuide(model_temperature=1.0)}
     score = infer.model_scorer(net)
     records = infer.load_split_records(data_dir, "val")
     one = guide_sweep.sweep(records, [(0, score)], guides, per_pattern=5, repeats=1)
