@@ -84,6 +84,11 @@ OFF_KEYS = ("improving_top1", "improving_top5", "gain_top1", "ceiling_top1", "im
 NOT_CONFIG = ("data", "workers", "loader_workers", "checkpoint_every", "eval")
 
 
+def anneal_guide(args) -> infer.AnnealGuide:
+    """Setting 2's model guide: ``--guide-explore`` and ``--guide-temperature``, the rest ``AnnealGuide``'s defaults."""
+    return infer.AnnealGuide(explore_prob=args.guide_explore, model_temperature=args.guide_temperature)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, out="runs/fusion", lr=4e-4, precision="bf16", fsdp=True)
@@ -114,6 +119,14 @@ def parse_args(argv=None):
                    help="channels_last model and inputs (slower on the CPU here: benchmarks/fusion_train.py)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="keep every N-th epoch's checkpoint")
     p.add_argument("--n-per-pattern", type=int, default=None, help="inference grids per zone pattern")
+    guide = infer.AnnealGuide()
+    p.add_argument("--guide-explore", type=float, default=guide.explore_prob,
+                   help=f"setting 2: share of uniform proposals in the model-guided annealer (default "
+                        f"{guide.explore_prob:g}; examples/fusion/guide_sweep.py compares guides on validation "
+                        f"trajectories)")
+    p.add_argument("--guide-temperature", type=float, default=guide.model_temperature,
+                   help=f"setting 2: temperature on the model's proposal distribution (default "
+                        f"{guide.model_temperature:g})")
     p.add_argument("--targets", choices=("set", "teacher"), default="set",
                    help="'set': every improving op of the state, weighted by its crossing reduction (WTA over the "
                         "position hypotheses kept); 'teacher': the teacher's one pick (Gaussian WTA heatmap + "
@@ -300,7 +313,8 @@ def main(argv=None) -> None:
         eval_net = (ema.module if ema is not None else net).eval()
         t0 = time.perf_counter()
         inference = infer.run_evaluation(eval_net, data_dir, n_per_pattern=args.n_per_pattern, seed=args.seed,
-                                         device=str(device), smoke=args.smoke, test_records=test_records)
+                                         device=str(device), smoke=args.smoke, test_records=test_records,
+                                         guide=anneal_guide(args))
         inference_time = time.perf_counter() - t0
         table = infer.format_table(inference)
         criteria = staged_criteria(records, inference, skipped_steps=records[-1]["skipped_steps"])
@@ -409,7 +423,8 @@ def evaluate_checkpoint(args, info) -> None:
         data_dir = Path(args.data) if args.data else run_folder / "data"
         results = infer.run_evaluation(net.eval(), data_dir, n_per_pattern=args.n_per_pattern, seed=args.seed,
                                        device=str(info.device), smoke=args.smoke,
-                                       test_records=read_test_file(args.test_trajectories, print))
+                                       test_records=read_test_file(args.test_trajectories, print),
+                                       guide=anneal_guide(args))
         table = infer.format_table(results)
         print(f"checkpoint {loaded['path']} (epoch {loaded.get('epoch')})\n{table}")
         run.write_json("eval.json", {"checkpoint": loaded["path"], "epoch": loaded.get("epoch"), "model": config,

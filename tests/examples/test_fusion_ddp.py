@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fusion import build_data
+from fusion import build_data, infer
 from fusion.batches import FusionSamples, model_inputs
 from fusion.encoding import HISTORY, IN_CHANNELS
 from fusion.model import N_ACTIONS, FusionNet
@@ -254,6 +254,17 @@ def test_eval_writes_its_own_run_folder_and_leaves_the_training_run_alone(used_o
     assert result["epoch"] == summary["best_epoch"]  # the checkpoints folder's best, rebuilt from run.json
     assert result["inference"]["overall"] == summary["inference"]["overall"]
     assert json.loads((used_out / "eval" / "run.json").read_text())["status"] == "finished"
+    assert result["inference"]["guide"] == infer.AnnealGuide()._asdict()
+    # setting 2's guide flags reach the annealer (and nothing else of the table)
+    other = used_out.parent / "eval_guide"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--eval", str(used_out / "checkpoints"), "--out",
+                           str(other), "--guide-explore", "0.3", "--guide-temperature", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    guided = json.loads((other / "eval.json").read_text())["inference"]
+    assert guided["guide"] == infer.AnnealGuide(explore_prob=0.3, model_temperature=2.0)._asdict()
+    for same in ("setting1", "setting3"):
+        assert guided[same] == result["inference"][same], same
 
 
 def test_flips_are_a_function_of_seed_epoch_and_index(smoke_data):
