@@ -326,7 +326,8 @@ def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, gu
                     time_ratio: float | None = None) -> list[dict]:
     """Model-guided vs uniform annealing at equal proposals, and uniform at equal time: its budget is
     each record's times the pattern's measured model/uniform time ratio (or ``time_ratio``); time is
-    CPU seconds of this process (``search.drive``), the wall time of a dedicated core. For reference
+    CPU seconds of this process (``search.drive``) with the model run on one thread, the wall time of
+    a dedicated core. For reference
     the oracle guide (``search.anneal(guide="oracle")``: improving ops drawn where the model's
     proposals would be) at equal proposals."""
     def runs(kind: str, key: int, budgets: list[int]):
@@ -335,7 +336,14 @@ def _anneal_setting(records: list[dict], score, seed: int, iters: int | None, gu
 
     budgets = [iters or record_schedule(rec)["iters"] for rec in records]
     model_s, uniform_s, timed_s = [0.0] * len(records), [0.0] * len(records), [0.0] * len(records)
-    model_runs = drive(runs("model", 3, budgets), score, clock=model_s)
+    # CPU seconds count every thread of the process: torch's idle intra-op threads would bill the model-guided
+    # runs for cores they do not use (12.9x instead of 1.6x uniform's time with 2 threads), so one thread scores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model_runs = drive(runs("model", 3, budgets), score, clock=model_s)
+    finally:
+        torch.set_num_threads(threads)
     uniform_runs = drive(runs("uniform", 4, budgets), clock=uniform_s)
     ratios = _time_ratios(records, model_s, uniform_s)
     if time_ratio is not None:
