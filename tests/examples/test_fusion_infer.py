@@ -492,3 +492,22 @@ def test_run_evaluation_runs_only_the_settings_asked_for(smoke_data, model):
     assert "Setting 2" in table and "Setting 1" not in table and "Setting 3" not in table
     with pytest.raises(ValueError, match="settings"):
         run_evaluation(model, smoke_data, n_per_pattern=2, seed=0, smoke=True, settings=(4,))
+
+
+def test_setting2_scores_the_model_on_one_thread_and_restores_the_threads(data_dir, model):
+    # CPU seconds count every thread of the process: the equal-time budget would bill idle intra-op threads
+    inner, seen = model_scorer(model), []
+
+    def score(requests):
+        seen.append(torch.get_num_threads())
+        return inner(requests)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = infer._anneal_setting(load_split_records(data_dir)[:2], score, 0, 150,
+                                     infer.AnnealGuide(model_start=0.0), time_ratio=1.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(rows) == 2 and seen and set(seen) == {1}
