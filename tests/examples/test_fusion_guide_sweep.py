@@ -8,6 +8,7 @@ import torch
 from fusion import guide_sweep, infer
 from fusion.model import FusionNet
 from fusion.teacher import run_teacher
+from fusion_datasets import write_split_records
 
 PATTERNS = ("islands", "left_right", "stripes", "voronoi")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,10 +19,7 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fusion_guides")
     recs = [run_teacher(10, 10, p, seed=s, iters=300) for p in PATTERNS for s in range(3)]
     val = [run_teacher(10, 10, p, seed=10 + s, iters=300) for p in PATTERNS for s in range(2)]
-    (out / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + val))
-    (out / "splits.json").write_text(json.dumps({"train": [], "val": [r["run_id"] for r in val],
-                                                 "test": [r["run_id"] for r in recs]}))
-    return out
+    return write_split_records(out, test=recs, val=val)
 
 
 @pytest.fixture(scope="module")

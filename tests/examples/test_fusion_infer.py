@@ -38,6 +38,7 @@ from fusion.search import (
     seed_history,
 )
 from fusion.teacher import env_from_record, run_teacher
+from fusion_datasets import write_split_records
 
 PATTERNS = ("islands", "left_right", "stripes", "voronoi")
 
@@ -352,10 +353,7 @@ def data_dir(tmp_path_factory, records):
     out = tmp_path_factory.mktemp("fusion_data")
     recs = [r for p in PATTERNS for r in records[p]]
     extra = run_teacher(12, 12, "voronoi", seed=9, iters=300, run_id="train_only")
-    (out / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*recs, extra]))
-    (out / "splits.json").write_text(json.dumps({"train": ["train_only"], "val": [],
-                                                 "test": [r["run_id"] for r in recs]}))
-    return out
+    return write_split_records(out, test=recs, train=[extra])
 
 
 def test_load_split_records_reads_only_its_split(data_dir, tmp_path):

@@ -1,13 +1,12 @@
 """search_budget.py replays setting 2's annealing exactly at the setting's budget, then stretches it."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from fusion import infer, search_budget
 from fusion.model import FusionNet
 from fusion.teacher import run_teacher
+from fusion_datasets import write_split_records
 
 PATTERNS = ("islands", "left_right", "stripes", "voronoi")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,9 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fusion_budget")
     recs = [run_teacher(10, 10, p, seed=s, iters=400) for p in PATTERNS for s in range(3)]
-    (out / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    (out / "splits.json").write_text(json.dumps({"train": [], "val": [], "test": [r["run_id"] for r in recs]}))
-    return out
+    return write_split_records(out, test=recs)
 
 
 def test_the_setting_budget_replays_setting_2(data_dir):
