@@ -23,7 +23,8 @@ The run, in stages (each with its own metrics.jsonl and checkpoints under --out)
    of steps, so the run says whether pretraining helped.
 4. ``inpaint`` (``--inpaint on``, the default): dead-channel inpainting heads (examples/xec/inpaint.py)
    on the frozen pretrained encoder, a CNN per face grid and a graph head per hex face, trained to
-   predict npho and time of randomly hidden live sensors, as a correction to a blend of the two
+   predict npho and time of randomly hidden live sensors and (``--inpaint-dead-targets on``, the
+   default) of the dead map's sensors on the events' alive twins, as a correction to a blend of the two
    classical fill-ins whose weight per face and channel is fitted on the training events by least
    squares before training (the untrained heads are that blend). Scored on the test events with random masks
    and with the detector's dead-channel map (events simulated with every sensor alive, so the truth
@@ -45,7 +46,7 @@ time-of-flight-corrected mean time) and both networks.
     torchrun --standalone --nproc_per_node=2 examples/xec_mae.py --labeled 512 --epochs 16 --overwrite
     python examples/xec_mae.py --study labels --label-budgets 256,1024,4096 --seeds 0,1,2 --out /tmp/xec_labels
 
-The default run (4096 events; pretraining, fine-tuning and scratch 2 epochs, inpainting 4 epochs, of 128
+The default run (4096 events; pretraining, fine-tuning and scratch 2 epochs, inpainting 16 epochs, of 128
 steps of 32 events each) took 5 min 37 s with 2 processes on 2 CPU cores (the defaults --head maps
 --prior classical).
 fp32 is the default because bf16 autocast measured 2x slower on that CPU. --epochs is the fine-tune
@@ -69,13 +70,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from xec.batches import Classical, Split, channel_dropout, resolution
-from xec.events import TARGET_NAMES, generate
+from xec.events import TARGET_NAMES
 from xec.geometry import FACE_NAMES, build_geometry
 from xec.heads import HEADS, MapRegressor, TokenRegressor
 from xec.inpaint import XECInpainter, inpaint_loss, masked_batch
 from xec.inpaint_eval import evaluate_batch, expected_truth, format_table, plot_face_maps, summarise
 from xec.mae import XECMAE, mae_loss
-from xec.model import XECEncoder, sensor_inputs
+from xec.model import XECEncoder
 from xec.posenc import POS_ENCODINGS
 
 from blockyard.blocks import count_parameters, random_mask
@@ -163,15 +164,20 @@ def parse_args(argv=None):
     p.add_argument("--inpaint", choices=("on", "off"), default="on",
                    help="stage 4: inpainting heads on the frozen pretrained encoder, scored per face against the "
                         "neighbour average and the face mean (default on)")
-    p.add_argument("--inpaint-epochs", type=int, default=None, help="inpainting epochs (default 4, smoke 2)")
+    p.add_argument("--inpaint-epochs", type=int, default=None, help="inpainting epochs (default 16, smoke 2)")
     p.add_argument("--inpaint-lr", type=float, default=2e-3, help="AdamW lr of the inpainting heads")
     p.add_argument("--inpaint-mask-ratio", type=float, default=0.05,
                    help="hidden fraction of the live sensors for inpainting (seed: 0.05, about a dead-channel density)")
+    p.add_argument("--inpaint-dead-targets", choices=("on", "off"), default="on",
+                   help="on: train on the simulated events' alive twins, where the dead map's sensors are hidden in "
+                        "every event and are targets too, like the randomly hidden live sensors (an inpainter for a "
+                        "detector's known dead channels is trained on simulation); off: only the randomly hidden "
+                        "live sensors are targets (default on)")
     p.add_argument("--inpaint-hidden", type=int, default=None,
                    help="width of the inpainting heads (default 16, smoke 8)")
     args = p.parse_args(argv)
     for key, full, tiny in (("train_events", 4096, 32), ("val_events", 512, 16), ("test_events", 1024, 16),
-                            ("batch_size", 32, 8), ("dim", 32, 8), ("token_dim", 64, 16), ("inpaint_epochs", 4, 2),
+                            ("batch_size", 32, 8), ("dim", 32, 8), ("token_dim", 64, 16), ("inpaint_epochs", 16, 2),
                             ("inpaint_hidden", 16, 8)):
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.smoke else full)
@@ -482,23 +488,29 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed + 3)
         inpainter = XECInpainter(copy.deepcopy(mae.encoder), geometry, hidden=args.inpaint_hidden).to(device)
         val_masks = inpaint_masks(val.n, val.dead, args.inpaint_mask_ratio, 20_000 + args.seed, device)
+        # --inpaint-dead-targets on: the alive twins of the training and validation events (simulation),
+        # where the dead map's sensors are hidden in every event and are targets like the randomly hidden live sensors
+        cpu_geometry = geometry.to("cpu")
+        dead_targets = unlabeled.dead if args.inpaint_dead_targets == "on" else torch.zeros_like(unlabeled.dead)
+        train_x, val_x = ((split.alive_inputs(cpu_geometry).to(device) if dead_targets.any() else split.x)
+                          for split in (unlabeled, val))
         # the heads start as the better blend of the two classical fill-ins per face and channel, fitted on the
         # training events under masks like the training's (the same on every rank)
         calib = inpaint_masks(unlabeled.n, unlabeled.dead, args.inpaint_mask_ratio, 10_000 + args.seed, device)
-        blend = inpainter.calibrate(unlabeled.x, calib | unlabeled.dead, calib)
+        blend = inpainter.calibrate(train_x, calib | unlabeled.dead, calib | dead_targets)
         say("inpaint: face-mean weight of the fill-in (npho, time): "
             + ", ".join(f"{face} {a:.2f} {b:.2f}" for face, (a, b) in zip(FACE_NAMES, blend.tolist())))
 
         def inpaint_step(ddp, rows, gen):
             hidden = random_mask(rows.numel(), unlabeled.dead.numel(), args.inpaint_mask_ratio,
                                  valid=~unlabeled.dead.expand(rows.numel(), -1).cpu(), generator=gen).to(device)
-            batch = masked_batch(unlabeled.x[rows], hidden | unlabeled.dead, hidden)  # hidden inputs zeroed
+            batch = masked_batch(train_x[rows], hidden | unlabeled.dead, hidden | dead_targets)  # inputs zeroed
             with autocast(device, args.precision):
                 out = ddp(batch.x, batch.mask, batch.targets)
             return inpaint_loss(out, batch.truth, batch.scored).total
 
         def validate_inpaint(model):
-            sums = score_inpainting(model, val.x, val_masks | val.dead, val_masks, info, args)
+            sums = score_inpainting(model, val_x, val_masks | val.dead, val_masks | dead_targets, info, args)
             ratio = sums[:, 0, :, 1].sum(0) / sums[:, 1, :, 1].sum(0)  # model / neighbour-average MSE
             return {"val_loss": float(ratio.sum()), "val_npho_mse_vs_neighbours": float(ratio[0]),
                     "val_time_mse_vs_neighbours": float(ratio[1])}
@@ -506,19 +518,17 @@ def main(argv=None) -> None:
         stages["inpaint"] = train_stage("inpaint", inpainter, unlabeled, args.inpaint_epochs, args.inpaint_lr, 1e-4,
                                         inpaint_step, validate_inpaint, args, info, run,
                                         steps_before=sum(stage["opt_steps"] for stage in stages.values()))
-        # test (a): random masks of the live sensors; (b) the detector's dead-channel map, on events simulated
-        # with every sensor alive (the truth behind a dead channel is known only in simulation)
-        alive = generate(test.n, geometry.to("cpu"), torch.Generator().manual_seed(3 * args.seed + 4),
-                         dead=torch.zeros_like(test.dead, device="cpu"))
-        alive_x = sensor_inputs(alive.npho, alive.time, alive.time_mask).to(device)
+        # test (a): random masks of the live sensors; (b) the detector's dead-channel map, on the test events'
+        # alive twins (the truth behind a dead channel is known only in simulation)
         hidden = inpaint_masks(test.n, test.dead, args.inpaint_mask_ratio, 30_000 + args.seed, device)
         dead_map = test.dead.expand(test.n, -1)
-        cases = {"random": (test.x, hidden | test.dead, hidden, test.events),
-                 "dead_map": (alive_x, dead_map, dead_map, alive)}
-        for case, (x, mask, targets, events) in cases.items():
-            # the noise floor: the expectation from the true source, which no method sees
-            expected = expected_truth(events.source, events.targets[:, 3], events.targets[:, 4], geometry.to("cpu"))
-            inpainting[case] = summarise(score_inpainting(inpainter, x, mask, targets, info, args, expected.to(device)))
+        cases = {"random": (test.x, hidden | test.dead, hidden),
+                 "dead_map": (test.alive_inputs(cpu_geometry).to(device), dead_map, dead_map)}
+        # the noise floor: the expectation from the true source, which no method sees
+        events = test.events
+        expected = expected_truth(events.source, events.targets[:, 3], events.targets[:, 4], cpu_geometry).to(device)
+        for case, (x, mask, targets) in cases.items():
+            inpainting[case] = summarise(score_inpainting(inpainter, x, mask, targets, info, args, expected))
         say(f"inpaint: {stages['inpaint']['parameters']:,} trained parameters (the encoder is frozen), "
             f"{stages['inpaint']['train_time_s']:.0f} s")
 
@@ -565,7 +575,7 @@ def main(argv=None) -> None:
                                      **inpainting}
             titles = {"random": f"random masks ({args.inpaint_mask_ratio:.0%} of the live sensors)",
                       "dead_map": f"the detector's dead-channel map ({int(test.dead.sum())} sensors)"}
-            for case, (x, mask, targets, _) in cases.items():
+            for case, (x, mask, targets) in cases.items():
                 text, wins = format_table(inpainting[case], f"\ninpainting on {test.n} test events, {titles[case]}")
                 print(text + f"\ninpainting beats both baselines (RMSE) on {len(wins)}: {', '.join(wins) or 'none'}")
                 summary["inpainting"][f"{case}_table"], summary["inpainting"][f"{case}_wins"] = text, wins

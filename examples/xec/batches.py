@@ -29,7 +29,7 @@ class Split:
     def __init__(self, n: int, geometry: Geometry, seed: int, mean: torch.Tensor | None = None,
                  std: torch.Tensor | None = None, chunk_size: int = 32) -> None:
         self.events: Events = generate(n, geometry, torch.Generator().manual_seed(seed), chunk_size=chunk_size)
-        self.n = n
+        self.n, self.seed, self.chunk_size, self.generated = n, seed, chunk_size, n
         self.x = sensor_inputs(self.events.npho, self.events.time, self.events.time_mask)
         self.npho = self.x[:, 0]
         self.dead = self.events.dead
@@ -48,6 +48,15 @@ class Split:
     def prior_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
         """``prior[rows]``, or None when no prior is set."""
         return None if self.prior is None else self.prior[rows]
+
+    def alive_inputs(self, geometry: Geometry) -> torch.Tensor:
+        """Inputs ``(n, 3, 4760)`` of the same events with every sensor alive, on ``geometry``'s device: the
+        generator draws every sensor's counts and times before it zeroes the dead ones, so a rerun with the same
+        seed and no dead channel equals ``x`` at the live sensors and adds the truth behind the dead ones (known
+        in simulation only)."""
+        alive = generate(self.generated, geometry, torch.Generator().manual_seed(self.seed), chunk_size=self.chunk_size,
+                         dead=torch.zeros_like(self.dead, device=geometry.position.device))
+        return sensor_inputs(alive.npho[:self.n], alive.time[:self.n], alive.time_mask[:self.n])
 
     def head(self, n: int) -> Split:
         """The first ``n`` events as a split of their own, standardised by their own targets (a

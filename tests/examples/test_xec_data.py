@@ -314,3 +314,17 @@ def test_normalize_npho_round_trip(scheme):
     assert normalize_npho(torch.tensor([-2000.0]), scheme) == 0  # below the domain -> 0 photons
     with pytest.raises(ValueError, match="scheme"):
         normalize_npho(x, "linear")
+
+
+def test_split_alive_twin_adds_only_the_truth_behind_the_dead_channels(geo):
+    """``Split.alive_inputs``: the same events with every sensor alive; equal to ``x`` at every live sensor (a wrong
+    seed or chunking breaks it), new counts at the dead ones; a ``head`` gets the first rows of its parent's twin."""
+    from xec.batches import Split
+
+    split = Split(24, geo, seed=5, chunk_size=8)
+    alive = split.alive_inputs(geo)
+    live = ~split.dead
+    assert alive.shape == split.x.shape and split.dead.sum() == 48
+    torch.testing.assert_close(alive[:, :, live], split.x[:, :, live], rtol=0, atol=0)
+    assert (split.x[:, :, split.dead] == 0).all() and (alive[:, 0, split.dead] > 0).float().mean() > 0.25
+    torch.testing.assert_close(split.head(10).alive_inputs(geo), alive[:10], rtol=0, atol=0)
