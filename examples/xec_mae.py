@@ -115,7 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--labeled", type=int, default=None,
                    help="label only the first N training events for fine-tune/scratch (default all)")
     p.add_argument("--val-events", type=int, default=None, help="default 512 (smoke 16)")
-    p.add_argument("--test-events", type=int, default=None, help="default 1024 (smoke 16)")
+    p.add_argument("--test-events", type=int, default=None, help="default 10240 (smoke 16)")
     p.add_argument("--pretrain-epochs", type=int, default=2, help="FCMAE epochs (default 2)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--mae-lr", type=float, default=1e-3, help="AdamW lr of the pretraining")
@@ -176,7 +176,7 @@ def parse_args(argv=None):
     p.add_argument("--inpaint-hidden", type=int, default=None,
                    help="width of the inpainting heads (default 16, smoke 8)")
     args = p.parse_args(argv)
-    for key, full, tiny in (("train_events", 4096, 32), ("val_events", 512, 16), ("test_events", 1024, 16),
+    for key, full, tiny in (("train_events", 4096, 32), ("val_events", 512, 16), ("test_events", 10240, 16),
                             ("batch_size", 32, 8), ("dim", 32, 8), ("token_dim", 64, 16), ("inpaint_epochs", 16, 2),
                             ("inpaint_hidden", 16, 8)):
         if getattr(args, key) is None:
