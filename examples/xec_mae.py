@@ -231,7 +231,7 @@ def score_inpainting(model, x: torch.Tensor, mask: torch.Tensor, targets: torch.
     """Error sums (face, method, channel, stat) of the inpainter, both baselines and, given ``expected``, the true
     source's expectation, over every row of ``x``, each row on one rank, summed over the ranks."""
     model.eval()
-    sums = torch.zeros(6, 3 if expected is None else 4, 2, 3, dtype=torch.float64, device=info.device)
+    sums = torch.zeros(6, 3 if expected is None else 4, 2, 4, dtype=torch.float64, device=info.device)
     rows = torch.arange(info.rank, x.shape[0], info.world_size, device=info.device)
     for i in range(0, rows.numel(), 64):
         r = rows[i:i + 64]

@@ -31,17 +31,20 @@ UNITS = (1.0, TIME_SCALE)  # normalised npho stays as it is; normalised time * 2
 
 def error_sums(preds: list[torch.Tensor], truth: torch.Tensor, scored: torch.Tensor,
                face: torch.Tensor) -> torch.Tensor:
-    """Per face, method and channel: sum of ``|error|``, sum of ``error^2`` and the count, float64.
+    """Per face, method and channel: sum of ``|error|``, sum of ``error^2``, the count and, for the paired
+    comparison with ``preds[1]`` (the neighbour average), the sum of :math:`(e^2 - e_1^2)^2`; float64.
 
     Shapes: preds ``(B, 4760, 2)`` each; truth ``(B, 4760, 2)``; scored ``(B, 4760, 2)`` bool (True =
-    counted); face ``(4760,)``; output ``(len(FACE_NAMES), len(preds), 2, 3)``.
+    counted); face ``(4760,)``; output ``(len(FACE_NAMES), len(preds), 2, 4)``.
     """
     onehot = torch.nn.functional.one_hot(face, len(FACE_NAMES)).double()  # (4760, F)
     weight = scored.double()
+    zero = torch.zeros((), dtype=torch.float64, device=truth.device)
+    errors = [torch.where(scored, (pred - truth).double(), zero) for pred in preds]
     rows = []
-    for pred in preds:
-        err = torch.where(scored, pred - truth, torch.zeros((), dtype=pred.dtype, device=pred.device)).double()
-        stats = torch.stack([err.abs(), err.square(), weight], -1).sum(0)  # (4760, 2, 3)
+    for err in errors:
+        paired = (err.square() - errors[1].square()).square()
+        stats = torch.stack([err.abs(), err.square(), weight, paired], -1).sum(0)  # (4760, 2, 4)
         rows.append(torch.einsum("nf,ncs->fcs", onehot, stats))
     return torch.stack(rows, 1)
 
@@ -79,33 +82,42 @@ def evaluate_batch(model: XECInpainter, batch: InpaintBatch,
 
 
 def summarise(sums: torch.Tensor) -> dict:
-    """``{face: {channel: {method: {"mae", "rmse", "n"}}}}`` in reported units (npho normalised, time ns),
-    NaN where a face has no scored sensor; ``sums`` from :func:`error_sums`, methods in the order of ``METHODS``."""
+    r"""``{face: {channel: {method: {"mae", "rmse", "n", "z"}}}}`` in reported units (npho normalised, time ns),
+    NaN where a face has no scored sensor; ``sums`` from :func:`error_sums`, methods in the order of ``METHODS``.
+
+    ``z``: the paired z-score of the method's squared error minus the neighbour average's on the same values,
+    :math:`\bar d / (s_d / \sqrt{n})` with :math:`d = e^2 - e_{nb}^2` (negative: better than the neighbour average;
+    NaN for the neighbour average itself)."""
     out = {}
     for f, face in enumerate(FACE_NAMES):
         out[face] = {}
         for c, channel in enumerate(CHANNELS):
             out[face][channel] = {}
             for m, method in enumerate(METHODS[:sums.shape[1]]):
-                abs_sum, sq_sum, n = (float(v) for v in sums[f, m, c])
+                abs_sum, sq_sum, n, paired = (float(v) for v in sums[f, m, c])
                 mae = UNITS[c] * abs_sum / n if n else math.nan
                 rmse = UNITS[c] * math.sqrt(sq_sum / n) if n else math.nan
-                out[face][channel][method] = {"mae": mae, "rmse": rmse, "n": int(n)}
+                mean = (sq_sum - float(sums[f, 1, c, 1])) / n if n else math.nan
+                var = paired / n - mean * mean if n > 1 else math.nan
+                z = mean / math.sqrt(var / n) if var > 0 else math.nan
+                out[face][channel][method] = {"mae": mae, "rmse": rmse, "n": int(n), "z": z}
     return out
 
 
 def format_table(summary: dict, title: str) -> tuple[str, list[str]]:
-    """Printed table (RMSE / MAE per face, channel and method) and the list of ``face channel`` entries where
-    inpainting has a lower RMSE than both baselines."""
+    """Printed table (RMSE / MAE per face, channel and method, and inpainting's paired z against the neighbour
+    average) and the list of ``face channel`` entries where inpainting has a lower RMSE than both baselines."""
     names = list(next(iter(next(iter(summary.values())).values())))
-    header = f"{'face':<8}{'channel':<8}{'n':>8}" + "".join(f"{m:>22}" for m in names)
-    lines = [title, "RMSE / MAE; npho in sqrt(npho / 1000), time in ns", header, "-" * len(header)]
+    header = f"{'face':<8}{'channel':<8}{'n':>8}" + "".join(f"{m:>22}" for m in names) + f"{'z vs nb':>9}"
+    lines = [title, "RMSE / MAE; npho in sqrt(npho / 1000), time in ns; z vs nb: paired z-score of inpainting's "
+             "squared error minus the neighbour average's (negative: inpainting better)", header, "-" * len(header)]
     wins = []
     for face, channels in summary.items():
         for channel, methods in channels.items():
             n = methods["inpainting"]["n"]
             cells = [f"{v['rmse']:.4g} / {v['mae']:.4g}" if n else "-" for v in methods.values()]
-            lines.append(f"{face:<8}{channel:<8}{n:>8}" + "".join(f"{c:>22}" for c in cells))
+            z = f"{methods['inpainting']['z']:.1f}" if n else "-"
+            lines.append(f"{face:<8}{channel:<8}{n:>8}" + "".join(f"{c:>22}" for c in cells) + f"{z:>9}")
             rmse = {m: v["rmse"] for m, v in methods.items()}
             if n and rmse["inpainting"] < min(rmse["neighbours"], rmse["face mean"]):
                 wins.append(f"{face} {channel}")

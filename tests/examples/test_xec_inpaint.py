@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -313,19 +314,27 @@ def test_loss_is_the_mse_ratio_to_the_fill_in_on_scored_entries(world, model, on
 
 
 def test_error_sums_per_face_equal_a_loop(world):
+    """RMSE, MAE and counts per face, and the paired z-score against the neighbour average (the second method)
+    from the per-value squared-error differences, as a loop over the face's values computes them."""
     geometry = world[0]
     g = torch.Generator().manual_seed(7)
-    truth, pred = torch.randn(2, 4760, 2, generator=g), torch.randn(2, 4760, 2, generator=g)
+    truth, pred, ref = torch.randn(3, 2, 4760, 2, generator=g)
     scored = torch.rand(2, 4760, 2, generator=g) < 0.3
-    summary = summarise(error_sums([pred, truth, pred], truth, scored, geometry.face))
+    summary = summarise(error_sums([pred, ref, truth], truth, scored, geometry.face))
     for f, face in enumerate(FACE_NAMES):
         sel = scored & (geometry.face == f)[None, :, None]
         err = (pred - truth)[sel[..., 1]][:, 1].double()
         assert summary[face]["time"]["inpainting"]["n"] == err.numel()
         assert summary[face]["time"]["inpainting"]["rmse"] == pytest.approx(2.0 * float(err.square().mean().sqrt()))
-        assert summary[face]["npho"]["face mean"]["mae"] == pytest.approx(
-            float((pred - truth)[sel[..., 0]][:, 0].abs().mean()), rel=1e-6)
-        assert summary[face]["npho"]["neighbours"]["rmse"] == 0.0
+        assert summary[face]["npho"]["face mean"]["mae"] == 0.0
+        for c, channel in enumerate(("npho", "time")):
+            d = [float((pred - truth)[b, n, c]) ** 2 - float((ref - truth)[b, n, c]) ** 2
+                 for b, n in sel[..., c].nonzero()[:, :2].tolist()]
+            mean = sum(d) / len(d)
+            sd = (sum((v - mean) ** 2 for v in d) / len(d)) ** 0.5
+            assert summary[face][channel]["inpainting"]["z"] == pytest.approx(mean / (sd / len(d) ** 0.5), rel=1e-6)
+            assert math.isnan(summary[face][channel]["neighbours"]["z"])
+            assert summary[face][channel]["face mean"]["z"] < -3  # the truth itself beats ref on every value
 
 
 def test_expected_truth_is_the_mean_of_many_simulations_of_one_source(world):
