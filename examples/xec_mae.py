@@ -47,7 +47,7 @@ time-of-flight-corrected mean time) and both networks.
     python examples/xec_mae.py --study labels --label-budgets 256,1024,4096 --seeds 0,1,2 --out /tmp/xec_labels
 
 The default run (4096 events; pretraining, fine-tuning and scratch 2 epochs, inpainting 16 epochs, of 128
-steps of 32 events each) took 5 min 37 s with 2 processes on 2 CPU cores (the defaults --head maps
+steps of 32 events each) took 13 min 32 s with 2 processes on 2 CPU cores (the defaults --head maps
 --prior classical).
 fp32 is the default because bf16 autocast measured 2x slower on that CPU. --epochs is the fine-tune
 and scratch epochs, --lr their AdamW lr, --batch-size the global micro-batch (--accum micro-batches
