@@ -491,8 +491,9 @@ def main(argv=None) -> None:
         # --inpaint-dead-targets on: the alive twins of the training and validation events (simulation),
         # where the dead map's sensors are hidden in every event and are targets like the randomly hidden live sensors
         cpu_geometry = geometry.to("cpu")
-        dead_targets = unlabeled.dead if args.inpaint_dead_targets == "on" else torch.zeros_like(unlabeled.dead)
-        train_x, val_x = ((split.alive_inputs(cpu_geometry).to(device) if dead_targets.any() else split.x)
+        on = args.inpaint_dead_targets == "on"
+        dead_targets = unlabeled.dead if on else torch.zeros_like(unlabeled.dead)
+        train_x, val_x = ((split.alive_inputs(cpu_geometry).to(device) if on else split.x)
                           for split in (unlabeled, val))
         # the heads start as the better blend of the two classical fill-ins per face and channel, fitted on the
         # training events under masks like the training's (the same on every rank)

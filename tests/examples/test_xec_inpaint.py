@@ -326,6 +326,8 @@ def test_error_sums_per_face_equal_a_loop(world):
         err = (pred - truth)[sel[..., 1]][:, 1].double()
         assert summary[face]["time"]["inpainting"]["n"] == err.numel()
         assert summary[face]["time"]["inpainting"]["rmse"] == pytest.approx(2.0 * float(err.square().mean().sqrt()))
+        assert summary[face]["npho"]["inpainting"]["mae"] == pytest.approx(
+            float((pred - truth)[sel[..., 0]][:, 0].abs().mean()), rel=1e-6)
         assert summary[face]["npho"]["face mean"]["mae"] == 0.0
         for c, channel in enumerate(("npho", "time")):
             d = [float((pred - truth)[b, n, c]) ** 2 - float((ref - truth)[b, n, c]) ** 2
